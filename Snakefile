@@ -1,0 +1,21 @@
+# IndexTTS2 language adaptation: the whole DAG. This file only includes; the rules live in
+# rules/<stage>.smk and the helpers in rules/common.smk.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/prepare.smk"
+include: "rules/codes.smk"
+include: "rules/model.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,3 @@
+from indextts.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""``indextts <command> [args]``: one thin subcommand per library entrypoint.
+
+Commands are looked up in a table and their module is imported only when run, so a quick
+command (``select-speakers``) does not pay for importing torch. Each module's ``cli(argv)``
+builds its own argparse parser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from indextts.config import ConfigError
+
+# command -> (module, help). The module defines ``cli_<command with _>(argv) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-corpus": ("indextts.demo", "synthesise the Amharic demo corpus with espeak-ng"),
+    "clean-manifest": ("indextts.manifest", "clean manifests into clean/rejects Parquet + summary"),
+    "train-vocab": ("indextts.vocab", "train the SentencePiece vocabulary and its report"),
+    "select-speakers": ("indextts.speakers", "choose the speakers for the stage-2 classifier"),
+    "make-demo-codec": ("indextts.codec", "write a tiny randomly initialised DAC for the demo"),
+    "extract-codes": ("indextts.codes", "encode one shard of the clean manifest into DAC codes"),
+    "index-codes": ("indextts.codes", "index the code shards and check frame counts"),
+    "validate": ("indextts.validate", "check data, vocab and model end to end before training"),
+    "import-gpt": ("indextts.model.transfer", "import an official gpt.pth into our checkpoint format"),
+    "export-gpt": ("indextts.model.transfer", "export a checkpoint to the official gpt.pth layout"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: indextts <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'indextts <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from indextts import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"indextts: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "cli_" + name.replace("-", "_"))
+    try:
+        return int(entry(rest) or 0)
+    except ConfigError as e:
+        print(f"indextts {name}: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,326 @@
+"""Training data: code shards + SentencePiece text ids + reference-utterance conditioning features.
+
+One item is one utterance of the code shards (``results/codes/shard-*.parquet``): its text is
+tokenised with the vocabulary (at load time, so a vocabulary change never reruns code extraction),
+its target codes are the first codebook, and its conditioning features are the log-mel of a
+*reference* utterance: another utterance of the same speaker when there is one (so the model
+learns to take timbre from the prompt, not to copy it), else the utterance itself. The reference
+is drawn from ``(seed, epoch, index)``, so a run is reproducible and resumes exactly.
+
+:class:`BucketBatchSampler` groups utterances of similar length so padding stays small, and
+:func:`collate` pads one batch into exactly the tensors ``UnifiedVoice.forward`` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from indextts.features import FeatureConfig, load_audio, log_mel
+
+
+class DataError(ValueError):
+    """The training data cannot be used as configured; the message names the file or column."""
+
+
+@dataclass
+class Batch:
+    """One padded batch. :meth:`inputs` gives the keyword arguments of ``UnifiedVoice.forward``.
+
+    Shapes: ``text_ids [B, Lt]`` (no start/stop; the model adds them), ``codes [B, Tm]`` (first
+    codebook), ``cond_feats [B, Tc, F]``, each with a ``[B]`` lengths tensor.
+    """
+
+    text_ids: torch.Tensor
+    text_lengths: torch.Tensor
+    codes: torch.Tensor
+    code_lengths: torch.Tensor
+    cond_feats: torch.Tensor
+    cond_lengths: torch.Tensor
+    utt_ids: list[str] = field(default_factory=list)
+    speakers: list[str] = field(default_factory=list)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "text_ids": self.text_ids,
+            "text_lengths": self.text_lengths,
+            "codes": self.codes,
+            "code_lengths": self.code_lengths,
+            "cond_feats": self.cond_feats,
+            "cond_lengths": self.cond_lengths,
+        }
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs().items()}
+        return Batch(**moved, utt_ids=self.utt_ids, speakers=self.speakers)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{k: v.pin_memory() for k, v in self.inputs().items()}, utt_ids=self.utt_ids, speakers=self.speakers)
+
+    @property
+    def n_tokens(self) -> int:
+        """Non-padding target tokens (text and codes, each with its stop token)."""
+        return int(self.text_lengths.sum() + self.code_lengths.sum()) + 2 * len(self.text_lengths)
+
+
+def _split_lookup(clean_path: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(clean_path, columns=["utt_id", "split"])
+    except Exception as e:
+        raise DataError(f"{clean_path}: cannot read utt_id/split columns ({e})") from e
+    return dict(zip(table.column("utt_id").to_pylist(), table.column("split").to_pylist()))
+
+
+class CodesDataset(torch.utils.data.Dataset):
+    """Utterances of the code shards, tokenised, with reference conditioning features.
+
+    Args:
+        shards: code shard paths (``indextts.codes.shard_paths(index)``).
+        bpe_path: the SentencePiece model used to tokenise ``text``.
+        features: how the conditioning features are computed (``FeatureConfig``).
+        split: keep only this split (``"train"``/``"val"``), None for all. Taken from a ``split``
+            column of the shards if they have one, else from ``clean_path``.
+        clean_path: ``clean.parquet``, for the split of each utt_id.
+        seed: reference choice and crop seed.
+        max_text_tokens: drop utterances with more text tokens (the model's position table).
+        max_code_frames: drop utterances with more code frames.
+        max_ref_seconds: crop reference audio to at most this long (a random, seeded window).
+        codebook: which codebook is the target (0: the first, as in IndexTTS2).
+
+    Raises:
+        DataError: no shards, a split that cannot be determined, or nothing left after filtering.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str | Path],
+        *,
+        bpe_path: str | Path,
+        features: FeatureConfig,
+        split: str | None = "train",
+        clean_path: str | Path | None = None,
+        seed: int = 0,
+        max_text_tokens: int | None = None,
+        max_code_frames: int | None = None,
+        max_ref_seconds: float = 6.0,
+        codebook: int = 0,
+    ) -> None:
+        import pandas as pd
+        import sentencepiece as spm
+
+        from indextts.codes import read_shard_codes
+
+        if not shards:
+            raise DataError("no code shards given (is results/codes/index.json empty?)")
+        self.features = features
+        self.seed = seed
+        self.epoch = 0
+        self.codebook = codebook
+        self.max_ref_samples = int(max_ref_seconds * features.sample_rate)
+        self._shards = [read_shard_codes(Path(p)) for p in shards]
+        metas = []
+        for s, sh in enumerate(self._shards):
+            m = sh.meta.copy()
+            m["_shard"] = s
+            m["_row"] = np.arange(len(m))
+            metas.append(m)
+        meta = pd.concat(metas, ignore_index=True)
+        self.n_input = len(meta)
+        self.dropped: dict[str, int] = {}
+
+        if split is not None:
+            if "split" in meta.columns:
+                splits = meta["split"]
+            elif clean_path is not None:
+                lookup = _split_lookup(Path(clean_path))
+                splits = meta["utt_id"].map(lookup)
+                if splits.isna().any():
+                    missing = meta.loc[splits.isna(), "utt_id"].iloc[0]
+                    raise DataError(
+                        f"{clean_path}: utt_id {missing!r} of the code shards is not in the clean manifest; "
+                        "the codes are stale: rerun extract_codes"
+                    )
+            else:
+                raise DataError(f"split={split!r} asked for, but the shards have no split column and no clean manifest was given")
+            keep = (splits == split).to_numpy()
+            self.dropped["other_split"] = int((~keep).sum())
+            meta = meta[keep].reset_index(drop=True)
+
+        sp = spm.SentencePieceProcessor()
+        sp.Load(str(bpe_path))
+        ids = sp.encode(meta["text"].astype(str).tolist(), out_type=int)
+        n_text = np.array([len(x) for x in ids], dtype=np.int64)
+        n_frames = meta["n_frames"].to_numpy(dtype=np.int64)
+        keep = (n_text > 0) & (n_frames > 0)
+        self.dropped["empty"] = int((~keep).sum())
+        if max_text_tokens is not None:
+            too_long = n_text > max_text_tokens
+            self.dropped["text_too_long"] = int((too_long & keep).sum())
+            keep &= ~too_long
+        if max_code_frames is not None:
+            too_long = n_frames > max_code_frames
+            self.dropped["codes_too_long"] = int((too_long & keep).sum())
+            keep &= ~too_long
+        if not keep.any():
+            raise DataError(
+                f"no utterance left of {self.n_input} (dropped: {self.dropped}); check split, "
+                "max lengths and the shards"
+            )
+        idx = np.flatnonzero(keep)
+        self.meta = meta.iloc[idx].reset_index(drop=True)
+        # Flat token store: one int32 array + offsets instead of millions of Python lists.
+        kept_ids = [ids[i] for i in idx]
+        self._tok_off = np.zeros(len(kept_ids) + 1, dtype=np.int64)
+        self._tok_off[1:] = np.cumsum([len(x) for x in kept_ids])
+        self._tok = np.fromiter((t for x in kept_ids for t in x), dtype=np.int32, count=int(self._tok_off[-1]))
+        self.unk_tokens = int((self._tok == sp.unk_id()).sum())
+        self.lengths = self.meta["n_frames"].to_numpy(dtype=np.int64)
+        # speaker -> positions, for reference choice
+        self._by_speaker = {spk: np.asarray(g, dtype=np.int64) for spk, g in self.meta.groupby("speaker", sort=False).indices.items()}
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other references (and crops) in the next epoch; same epoch, same draws."""
+        self.epoch = int(epoch)
+
+    def text_ids(self, i: int) -> np.ndarray:
+        return self._tok[self._tok_off[i] : self._tok_off[i + 1]]
+
+    def reference_index(self, i: int) -> int:
+        """Another utterance of the same speaker, drawn from (seed, epoch, i); ``i`` if none."""
+        group = self._by_speaker[self.meta.at[i, "speaker"]]
+        if len(group) < 2:
+            return i
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        j = int(group[rng.integers(len(group) - 1)])
+        # skip i itself: draw among the others
+        return j if j != i else int(group[-1])
+
+    def reference_features(self, i: int) -> torch.Tensor:
+        """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""
+        j = self.reference_index(i)
+        path = self.meta.at[j, "audio_path"]
+        wave = load_audio(path, self.features.sample_rate)
+        if wave.shape[0] > self.max_ref_samples:
+            rng = np.random.default_rng((self.seed, self.epoch, i, 1))
+            start = int(rng.integers(wave.shape[0] - self.max_ref_samples + 1))
+            wave = wave[start : start + self.max_ref_samples]
+        return log_mel(wave, self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.meta.iloc[i]
+        codes = self._shards[int(row["_shard"])].codes(int(row["_row"]))
+        if self.codebook >= codes.shape[0]:
+            raise DataError(f"utt {row['utt_id']}: codebook {self.codebook} asked for, the shard has {codes.shape[0]}")
+        return {
+            "utt_id": str(row["utt_id"]),
+            "speaker": str(row["speaker"]),
+            "text_ids": torch.from_numpy(self.text_ids(i).astype(np.int64)),
+            "codes": torch.from_numpy(codes[self.codebook].astype(np.int64)),
+            "cond_feats": self.reference_features(i),
+        }
+
+
+def _pad(seqs: Sequence[torch.Tensor], value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.long)
+    out = seqs[0].new_full((len(seqs), int(lengths.max()), *seqs[0].shape[1:]), value)
+    for b, s in enumerate(seqs):
+        out[b, : s.shape[0]] = s
+    return out, lengths
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Pad items of :class:`CodesDataset` into a :class:`Batch` (padding values are 0; the model
+    masks by the lengths)."""
+    text, text_len = _pad([it["text_ids"] for it in items])
+    codes, code_len = _pad([it["codes"] for it in items])
+    cond, cond_len = _pad([it["cond_feats"] for it in items], 0.0)
+    return Batch(
+        text_ids=text,
+        text_lengths=text_len,
+        codes=codes,
+        code_lengths=code_len,
+        cond_feats=cond,
+        cond_lengths=cond_len,
+        utt_ids=[it["utt_id"] for it in items],
+        speakers=[it["speaker"] for it in items],
+    )
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar length: shuffle, cut into buckets of ``bucket_batches`` batches, sort
+    each bucket by length, cut into batches, shuffle the batch order.
+
+    Deterministic in ``(seed, epoch)``; with ``world_size > 1`` each rank takes every
+    ``world_size``-th batch of the same order (the count is trimmed so all ranks step together).
+
+    Args:
+        lengths: a length per item (code frames).
+        batch_size: items per batch.
+        seed: shuffle seed.
+        shuffle: False keeps the input order (evaluation).
+        drop_last: drop a final short batch.
+        bucket_batches: batches per sorting bucket; larger pads less but mixes less.
+        rank, world_size: data-parallel position.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        bucket_batches: int = 50,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.bucket_batches = bucket_batches
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        out: list[list[int]] = []
+        size = self.batch_size * self.bucket_batches
+        for start in range(0, n, size):
+            bucket = order[start : start + size]
+            bucket = bucket[np.argsort(self.lengths[bucket], kind="stable")]
+            for b in range(0, len(bucket), self.batch_size):
+                batch = bucket[b : b + self.batch_size].tolist()
+                if len(batch) < self.batch_size and self.drop_last:
+                    continue
+                out.append(batch)
+        if self.shuffle:
+            out = [out[k] for k in rng.permutation(len(out))]
+        if self.world_size > 1:
+            per_rank = len(out) // self.world_size
+            out = out[self.rank : per_rank * self.world_size : self.world_size]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())

@@ -1,0 +1,82 @@
+"""select_speakers: the speakers the stage-2 speaker classifier learns to tell apart.
+
+Stage 2 puts a gradient reversal layer and a speaker classifier on the emotion vector, so the
+emotion encoder learns to carry no speaker identity. The classifier needs speakers with enough
+utterances to be learnable: the top-K speakers by train utterances, each with at least M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from indextts.config import get_section, load_config_arg
+from indextts.files import write_json
+
+
+@dataclass(frozen=True)
+class SpeakersConfig:
+    """The ``speakers`` config section."""
+
+    top_k: int = 500  # classifier classes; more speakers make the adversary harder to fool
+    min_utterances: int = 10  # fewer train utterances than this cannot teach the classifier a speaker
+
+
+def select_speakers(cfg: SpeakersConfig, clean_parquet: str | Path, out_path: str | Path) -> dict:
+    """Pick the top-K speakers with at least M train utterances and write ``speakers.json``.
+
+    Ties in utterance count are broken by speaker name, so the choice and the class ids are the
+    same on every run.
+
+    Args:
+        cfg: the ``speakers`` section.
+        clean_parquet: the cleaned manifest (its train split counts).
+        out_path: where ``speakers.json`` goes: ``{"speakers": {name: class_id}, "stats": {...}}``.
+
+    Returns:
+        The written document.
+    """
+    table = pq.read_table(clean_parquet, columns=["speaker", "split"])
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    counts = pc.value_counts(train.column("speaker")).flatten()
+    names = counts.field(0).to_pylist()
+    freq = counts.field(1).to_pylist()
+    ranked = sorted(zip(names, freq), key=lambda kv: (-kv[1], kv[0]))
+    eligible = [(s, n) for s, n in ranked if n >= cfg.min_utterances]
+    chosen = eligible[: cfg.top_k]
+    covered = sum(n for _, n in chosen)
+    stats = {
+        "total_samples": train.num_rows,
+        "unique_speakers": len(ranked),
+        "eligible": len(eligible),
+        "selected": len(chosen),
+        "share_of_samples_covered": round(covered / train.num_rows, 6) if train.num_rows else 0.0,
+        "min_utterances": cfg.min_utterances,
+        "top_k": cfg.top_k,
+        "utterances_of_selected": {"min": chosen[-1][1] if chosen else 0, "max": chosen[0][1] if chosen else 0},
+    }
+    doc = {"speakers": {s: i for i, (s, _) in enumerate(chosen)}, "stats": stats}
+    write_json(out_path, doc)
+    return doc
+
+
+def cli_select_speakers(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="indextts select-speakers", description="Choose the stage-2 classifier speakers.")
+    p.add_argument("--config", required=True, help="inline JSON or a YAML file with a speakers section")
+    p.add_argument("--clean", required=True, type=Path, help="clean.parquet")
+    p.add_argument("--out", required=True, type=Path, help="speakers.json")
+    args = p.parse_args(argv)
+    cfg = get_section(SpeakersConfig, load_config_arg(args.config), "speakers")
+    doc = select_speakers(cfg, args.clean, args.out)
+    print("select-speakers: " + json.dumps(doc["stats"]))
+    if not doc["speakers"]:
+        print(
+            f"select-speakers: warning: no speaker has {cfg.min_utterances} train utterances; "
+            "stage 2 has no classes (lower speakers.min_utterances)"
+        )
+    return 0

@@ -1,0 +1,68 @@
+# Helpers shared by every rule file: config validation, stage configs and code identity for
+# exact reruns, output paths. No rule logic lives here beyond get_* input functions.
+import hashlib
+import json
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# Checked before any job runs: an unknown key or a wrong type stops the DAG and names the key.
+# Defaults from the schema are filled in, so every rule sees the complete section.
+validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
+
+PKG = Path(workflow.basedir) / "indextts"
+
+
+def stage_config(*sections):
+    """The config sections a stage reads, as compact JSON. Rules pass it as ``params.cfg`` and
+    on to ``indextts <command> --config``, so a change to any value a stage reads, and only
+    those, reruns it."""
+    return json.dumps({s: config.get(s, {}) for s in sections}, sort_keys=True, separators=(",", ":"))
+
+
+def code_id(*modules):
+    """sha256 over the source of the library modules a stage runs (``"manifest"``,
+    ``"model/"`` for a whole package ...). Passed as ``params.code`` so editing a module reruns
+    exactly the stages that use it."""
+    h = hashlib.sha256()
+    for mod in modules:
+        target = PKG / mod
+        files = sorted(target.rglob("*.py")) if mod.endswith("/") else [target.with_suffix(".py")]
+        for f in files:
+            h.update(str(f.relative_to(PKG)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# The small modules every stage imports.
+CORE = ("config", "files")
+
+RESULTS = "results"
+LOGS = "logs"
+
+
+def n_shards():
+    return int(config["codes"]["n_shards"])
+
+
+def shard_name(i):
+    n = n_shards()
+    return f"shard-{i:05d}-of-{n:05d}"
+
+
+def all_targets():
+    targets = [
+        f"{RESULTS}/clean/summary.json",
+        f"{RESULTS}/vocab/vocab_report.json",
+        f"{RESULTS}/speakers/speakers.json",
+    ]
+    targets += extra_targets()
+    return targets
+
+
+# Later stages (codes, model) append their final outputs here from their own rule files.
+_EXTRA_TARGETS = []
+
+
+def extra_targets():
+    return list(_EXTRA_TARGETS)

@@ -1,0 +1,1 @@
+# Model: validate_pipeline gates training. Issue 4.
