@@ -183,3 +183,9 @@ def load_config_arg(arg: str) -> dict[str, Any]:
 def get_section(cls: type[T], config: Mapping[str, Any], name: str) -> T:
     """Parse ``config[name]`` into ``cls`` (all defaults when the section is absent)."""
     return parse_section(cls, config.get(name), name)
+
+
+def pairs(mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]) -> tuple[tuple[Any, Any], ...]:
+    """The (key, value) pairs of a mapping field, whether it came through :func:`parse_section`
+    (a sorted tuple of pairs) or was given as a dict by library code."""
+    return tuple(mapping.items()) if isinstance(mapping, Mapping) else tuple(mapping)

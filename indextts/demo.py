@@ -236,7 +236,7 @@ class DemoConfig:
         if self.n_utterances < 1:
             errors.append(f"demo.n_utterances: must be at least 1, got {self.n_utterances}")
         if not 1 <= self.n_speakers <= len(SPEAKERS):
-            errors.append(f"demo.n_speakers: must be 1 to {len(SPEAKERS)} (the voices available), got {self.n_speakers}")
+            errors.append(f"demo.n_speakers: must be 1 to {len(SPEAKERS)} (one per voice), got {self.n_speakers}")
         if not self.emotions:
             errors.append("demo.emotions: list at least one emotion")
         for e in self.emotions:
@@ -330,8 +330,7 @@ def _synthesise(job: _Job, exe: str, stage: Path, tmp_dir: Path) -> tuple[str, f
         _write_wav(out, samples[start : start + n], sr)
         return _SHORT_WORD, n / sr
     tried: list[tuple[int, float]] = []
-    chars = None
-    direction = 0
+    chars, direction = 0, 0
     for idx in job.candidates:
         text = SENTENCES[idx]
         if direction and (len(text) - chars) * direction <= 0:
@@ -421,7 +420,9 @@ def build_demo_corpus(cfg: DemoConfig, out_dir: Path) -> DemoCorpus:
     decks = math.ceil(n / len(SENTENCES))
     firsts = np.concatenate([rng.permutation(len(SENTENCES)) for _ in range(decks)])[:n]
 
-    width = max(4, len(str(n + 6 * len(DIRTY_REASONS))))
+    # The dirty slice: extra rows with their own ids (continuing the numbering).
+    per_kind = max(1, n // 150) if cfg.dirty else 0
+    width = max(4, len(str(n + per_kind * len(DIRTY_REASONS))))
 
     def utt_id(voice: Voice, i: int) -> str:
         return f"{voice.name}_{i:0{width}d}"
@@ -430,8 +431,6 @@ def build_demo_corpus(cfg: DemoConfig, out_dir: Path) -> DemoCorpus:
         _Job(i, utt_id(v, i), v, e, _candidates(cfg.seed, i, int(firsts[i])))
         for i, (v, e) in enumerate(plan)
     ]
-    # The dirty slice: extra rows with their own ids (continuing the numbering).
-    per_kind = max(1, n // 150) if cfg.dirty else 0
     dirty: list[tuple[str, _Job]] = []
     for reason in DIRTY_REASONS if cfg.dirty else ():
         if reason == "duplicate":
@@ -447,7 +446,7 @@ def build_demo_corpus(cfg: DemoConfig, out_dir: Path) -> DemoCorpus:
     stage = out_dir / ".wavs.partial"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    with tempfile.TemporaryDirectory(prefix="espeak-", dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="indextts-espeak-") as tmp:
         with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.workers) as pool:
             results = list(pool.map(lambda j: _synthesise(j, exe, stage, Path(tmp)), jobs + synth_dirty))
     synthesised = {j.utt_id: r for j, r in zip(jobs + synth_dirty, results)}

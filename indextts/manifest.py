@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from indextts.config import get_section, load_config_arg
+from indextts.config import get_section, load_config_arg, pairs
 from indextts.files import atomic_path, write_json
 from indextts.text import TextConfig, has_bad_encoding, normalize_array
 
@@ -120,7 +120,7 @@ def _spec(entry: str | ManifestSpec) -> ManifestSpec:
 
 def _column_map(spec: ManifestSpec, columns: Columns) -> dict[str, str]:
     mapping = {k: getattr(columns, k) for k in CANONICAL}
-    for k, v in spec.columns:
+    for k, v in pairs(spec.columns):
         if k not in mapping:
             raise ManifestError(f"{spec.path}: data.manifests[].columns has unknown field {k!r} (known: {', '.join(CANONICAL)})")
         mapping[k] = v

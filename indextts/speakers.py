@@ -43,9 +43,9 @@ def select_speakers(cfg: SpeakersConfig, clean_parquet: str | Path, out_path: st
     """
     table = pq.read_table(clean_parquet, columns=["speaker", "split"])
     train = table.filter(pc.equal(table.column("split"), "train"))
-    counts = pc.value_counts(train.column("speaker")).flatten()
-    names = counts.field(0).to_pylist()
-    freq = counts.field(1).to_pylist()
+    counts = pc.value_counts(train.column("speaker"))
+    names = counts.field("values").to_pylist()
+    freq = counts.field("counts").to_pylist()
     ranked = sorted(zip(names, freq), key=lambda kv: (-kv[1], kv[0]))
     eligible = [(s, n) for s, n in ranked if n >= cfg.min_utterances]
     chosen = eligible[: cfg.top_k]

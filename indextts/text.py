@@ -18,6 +18,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from indextts.config import pairs
+
 # Zero-width and byte-order marks that survive copy-paste from the web and split tokens.
 _INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"
 # C0/C1 control characters (tab and newline are handled as whitespace first).
@@ -90,7 +92,7 @@ def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Ar
         out = pc.replace_substring(out, pattern=src, replacement=dst)
     for pattern, repl in language_rules(cfg.language):
         out = pc.replace_substring_regex(out, pattern=pattern, replacement=repl)
-    for src, dst in cfg.punctuation_map:
+    for src, dst in pairs(cfg.punctuation_map):
         out = pc.replace_substring(out, pattern=src, replacement=dst)
     if cfg.lowercase:
         out = pc.utf8_lower(out)

@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from indextts.manifest import CleanConfig, Columns, DataConfig, ManifestError, ManifestSpec, clean_manifest, probe_audio
+from indextts.text import TextConfig
+
+SR = 16000
+TEXT = "ሰላም ነው። እንዴት ነህ፧"
+
+
+def wav(path, seconds, channels=1, sr=SR):
+    n = int(seconds * sr)
+    data = (np.random.default_rng(0).standard_normal((n, channels)) * 0.1).astype("float32")
+    sf.write(path, data if channels > 1 else data[:, 0], sr, subtype="PCM_16")
+    return path
+
+
+def good_rows(tmp_path, n=6):
+    rows = []
+    for i in range(n):
+        wav(tmp_path / f"u{i}.wav", 1.0 + 0.25 * i, channels=2 if i == 0 else 1)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": TEXT, "speaker": f"s{i % 2}", "emotion": "neutral"})
+    return rows
+
+
+def run(tmp_path, manifests, data=None, clean=None, text=None):
+    data = data or DataConfig(manifests=tuple(str(m) for m in manifests))
+    out = clean_manifest(data, text or TextConfig(), clean or CleanConfig(val_fraction=0.3), tmp_path / "out", progress=False)
+    return pd.read_parquet(out.clean), pd.read_parquet(out.rejects), json.loads(out.summary.read_text())
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_every_reason_lands_in_rejects_and_counts_reconcile(tmp_path):
+    rows = good_rows(tmp_path)
+    wav(tmp_path / "short.wav", 0.1)
+    wav(tmp_path / "long.wav", 4.0)
+    raw = (tmp_path / "u5.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(raw[: int(len(raw) * 0.6)])
+    (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk")
+    wav(tmp_path / "fast.wav", 1.0)
+    dirty = [
+        {"id": "e", "audio": "u1.wav", "text": "   ", "speaker": "s"},  # empty after normalisation
+        {"id": "u0", "audio": "u0.wav", "text": TEXT, "speaker": "s0"},  # duplicate id
+        {"id": "m", "audio": "gone.wav", "text": TEXT, "speaker": "s"},
+        {"id": "sh", "audio": "short.wav", "text": "ሰ", "speaker": "s"},
+        {"id": "lo", "audio": "long.wav", "text": TEXT, "speaker": "s"},
+        {"id": "tr", "audio": "cut.wav", "text": TEXT, "speaker": "s"},
+        {"id": "un", "audio": "junk.wav", "text": TEXT, "speaker": "s"},
+        {"id": "nf", "audio": "u2.wav", "text": TEXT},  # no speaker
+        {"id": "enc", "audio": "u3.wav", "text": "bad \ufffd", "speaker": "s"},
+        {"id": "cps", "audio": "fast.wav", "text": "ሀ" * 80, "speaker": "s"},
+    ]
+    m = write_jsonl(tmp_path / "m.jsonl", rows + dirty, extra_lines=['{"id": "x", "audio": ', "", "[1, 2]"])
+    clean, rejects, summary = run(tmp_path, [m], clean=CleanConfig(max_duration=3.0, val_fraction=0.3))
+    by_id = dict(zip(rejects["utt_id"].fillna("<none>"), rejects["reason"]))
+    assert by_id["e"] == "empty_text" and by_id["u0"] == "duplicate" and by_id["m"] == "missing_file"
+    assert by_id["sh"] == "too_short" and by_id["lo"] == "too_long" and by_id["tr"] == "truncated"
+    assert by_id["un"] == "unreadable" and by_id["nf"] == "missing_field" and by_id["enc"] == "bad_encoding"
+    assert by_id["cps"] == "chars_per_second"
+    malformed = rejects[rejects.reason == "malformed"]
+    assert sorted(malformed["row"]) == [17, 19]  # the blank line 18 is not a row
+    assert "line:" in malformed["detail"].iloc[0]
+    assert summary["input_rows"] == len(rows) + len(dirty) + 2 == len(clean) + len(rejects)
+    assert summary["reconciled"] and sum(summary["rejected_by_reason"].values()) == len(rejects)
+    assert sorted(clean["utt_id"]) == [f"u{i}" for i in range(6)]
+    first = clean.set_index("utt_id").loc["u0"]
+    assert first.channels == 2 and first.sample_rate == SR and first.duration == pytest.approx(1.0)
+    assert clean["audio_path"].str.startswith(str(tmp_path)).all()
+
+
+def test_csv_tsv_parquet_with_mapped_columns_concatenate(tmp_path):
+    rows = good_rows(tmp_path)
+    df = pd.DataFrame(rows).rename(columns={"audio": "wav", "text": "transcript"})
+    df.iloc[:2].to_csv(tmp_path / "a.csv", index=False)
+    df.iloc[2:4].to_csv(tmp_path / "b.tsv", index=False, sep="\t")
+    pq.write_table(pa.Table.from_pandas(df.iloc[4:], preserve_index=False), tmp_path / "c.parquet")
+    (tmp_path / "a.csv").write_text((tmp_path / "a.csv").read_text() + "too,many,fields,here,now,really\n")
+    data = DataConfig(manifests=(str(tmp_path / "a.csv"), str(tmp_path / "b.tsv"), str(tmp_path / "c.parquet")), columns=Columns(audio="wav", text="transcript"))
+    clean, rejects, summary = run(tmp_path, [], data=data)
+    assert sorted(clean["utt_id"]) == [f"u{i}" for i in range(6)]
+    assert list(rejects["reason"]) == ["malformed"] and rejects["row"].iloc[0] == 3
+    assert [m["rows"] for m in summary["manifests"]] == [3, 2, 2]
+
+
+def test_per_manifest_column_override_and_language(tmp_path):
+    rows = good_rows(tmp_path, 2)
+    write_jsonl(tmp_path / "a.jsonl", [{**r, "wav": r.pop("audio")} for r in rows])
+    data = DataConfig(manifests=(ManifestSpec(path=str(tmp_path / "a.jsonl"), columns={"audio": "wav"}, language="ti"),))
+    clean, _, _ = run(tmp_path, [], data=data)
+    assert len(clean) == 2 and set(clean["language"]) == {"ti"}
+
+
+def test_missing_required_column_is_an_error_naming_file_and_key(tmp_path):
+    rows = good_rows(tmp_path, 2)
+    m = write_jsonl(tmp_path / "m.jsonl", [{k: v for k, v in r.items() if k != "speaker"} for r in rows])
+    with pytest.raises(ManifestError, match=r"m\.jsonl.*speaker.*data\.columns\.speaker"):
+        run(tmp_path, [m])
+    with pytest.raises(ManifestError, match="nothere.jsonl"):
+        run(tmp_path, [tmp_path / "nothere.jsonl"])
+
+
+def test_trusted_durations_skip_probing(tmp_path):
+    rows = [{"id": f"t{i}", "audio": f"nowhere/t{i}.wav", "text": TEXT, "speaker": "s", "duration": 2.0} for i in range(5)]
+    rows[0]["duration"] = 0.2
+    m = write_jsonl(tmp_path / "m.jsonl", rows)
+    clean, rejects, summary = run(tmp_path, [m], clean=CleanConfig(trust_durations=True))
+    assert len(clean) == 4 and clean["sample_rate"].isna().all()
+    assert list(rejects["reason"]) == ["too_short"]
+    assert summary["durations_from_manifest"] == 4
+
+
+def test_split_is_deterministic_by_utt_id_and_salt(tmp_path):
+    rows = good_rows(tmp_path)
+    m = write_jsonl(tmp_path / "m.jsonl", rows)
+    a, _, _ = run(tmp_path, [m], clean=CleanConfig(val_fraction=0.5))
+    m2 = write_jsonl(tmp_path / "m2.jsonl", list(reversed(rows)))
+    b, _, _ = run(tmp_path, [m2], clean=CleanConfig(val_fraction=0.5))
+    assert dict(zip(a.utt_id, a.split)) == dict(zip(b.utt_id, b.split))
+    assert "val" in set(a.split)
+
+
+def test_probe_reports_missing_file(tmp_path):
+    info = probe_audio(str(tmp_path / "none.wav"))
+    assert info.reason == "missing_file"
