@@ -189,3 +189,45 @@ def pairs(mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]) -> tuple[tup
     """The (key, value) pairs of a mapping field, whether it came through :func:`parse_section`
     (a sorted tuple of pairs) or was given as a dict by library code."""
     return tuple(mapping.items()) if isinstance(mapping, Mapping) else tuple(mapping)
+
+
+# Every top-level config section and the dataclass that parses it, imported only when needed.
+SECTIONS: dict[str, str] = {
+    "demo": "indextts.demo:DemoConfig",
+    "data": "indextts.manifest:DataConfig",
+    "text": "indextts.text:TextConfig",
+    "clean": "indextts.manifest:CleanConfig",
+    "vocab": "indextts.vocab:VocabConfig",
+    "speakers": "indextts.speakers:SpeakersConfig",
+    "codec": "indextts.codec:CodecConfig",
+    "codes": "indextts.codes:CodesConfig",
+    "model": "indextts.model.config:ModelSection",
+    "pretrained": "indextts.model.transfer:PretrainedConfig",
+    "validate": "indextts.validate:ValidateConfig",
+}
+
+
+def section_class(name: str) -> type:
+    """The dataclass for config section ``name``."""
+    import importlib
+
+    module, cls = SECTIONS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse every section of a whole pipeline config, reporting all problems at once.
+
+    Raises:
+        ConfigError: naming each unknown section, unknown key and wrongly typed value.
+    """
+    errors = [f"{k}: unknown section (known: {', '.join(SECTIONS)})" for k in raw if k not in SECTIONS]
+    out = {}
+    for name in SECTIONS:
+        try:
+            out[name] = get_section(section_class(name), raw, name)
+        except ConfigError as e:
+            errors += [line.strip() for line in str(e).splitlines()[1:]] or [str(e)]
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return out

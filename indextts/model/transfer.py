@@ -133,6 +133,7 @@ class TransferReport:
         reinitialised: our keys left at fresh initialisation, with the reason.
         unused: keys of the file we did not take, with the reason.
         vocab: the piece-string transfer, when both SentencePiece models were given.
+        notes: assumptions the import made (e.g. text rows loaded by id).
     """
 
     source: str
@@ -143,10 +144,12 @@ class TransferReport:
     reinitialised: dict[str, str] = field(default_factory=dict)
     unused: dict[str, str] = field(default_factory=dict)
     vocab: VocabTransferReport | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "notes": self.notes,
             "wrapped": self.wrapped,
             "counts": {
                 "loaded": len(self.loaded),
@@ -178,6 +181,7 @@ class TransferReport:
             lines.append(f"  unused         {k}: {why}")
         if self.vocab:
             lines.append("  " + self.vocab.summary())
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -526,8 +530,11 @@ def import_official(
             report.loaded.append(key)
             if key in transpose:
                 report.transposed.append(key)
-            if key in _TEXT_KEYS and old_bpe is None:
-                report.transferred[key] = "loaded by id (no official bpe.model given: ids assumed to mean the same pieces)"
+            if key == "text_embedding.weight" and old_bpe is None:
+                report.notes.append(
+                    "text tables loaded by id: no official bpe.model was given, so ids are assumed to mean "
+                    "the same pieces in both vocabularies (give it as old_bpe / pretrained.bpe to transfer by piece)"
+                )
         elif key in _POS_KEYS and src.ndim == 2 and src.shape[1] == dst.shape[1]:
             n = min(src.shape[0], dst.shape[0])
             dst[:n] = src[:n].to(dtype=dst.dtype)
@@ -718,3 +725,15 @@ def cli_export_gpt(argv: list[str]) -> int:
     n = sum(t.numel() for t in sd.values())
     print(f"wrote {a.out}: {len(sd)} tensors, {n / 1e6:.1f}M parameters (stage {meta.get('stage')}, step {meta.get('step')})")
     return 0
+
+
+def codebook_size_from_config(config: Mapping[str, Any]) -> int:
+    """The codec's codebook size, read from the DAC weights named in the ``codec`` section."""
+    from indextts.codec import CodecConfig, load_codec
+    from indextts.config import get_section
+
+    if not config.get("codec"):
+        raise TransferError("the config has no codec section: pass --codebook-size, or a config with codec.weights")
+    codec = get_section(CodecConfig, config, "codec")
+    _, info = load_codec(codec.weights, device="cpu", n_quantizers=codec.n_quantizers)
+    return info.codebook_size

@@ -296,8 +296,7 @@ class UnifiedVoice(nn.Module):
             emo_vec = self.get_emo_vec(emo_feats, emo_lengths)
         prefix = self.build_prefix(self.get_conditioning(cond_feats, cond_lengths), emo_vec)
         lengths = torch.full((B,), Lt, dtype=torch.long, device=dev)
-        text_in, _, _ = self.prepare_text(text_ids, lengths)
-        text_in = text_in[:, :-1]  # [start, t.., stop]: the padding slot is not needed
+        text_in, _, _ = self.prepare_text(text_ids, lengths)  # [start, t_1..t_n, stop]
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1], dev)
         limit = min(max_new_tokens or cfg.max_mel_tokens, cfg.mel_positions - 1)
         token = torch.full((B, 1), cfg.start_mel_token, dtype=torch.long, device=dev)
