@@ -157,6 +157,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _dedupe(model.state_dict())
     weights = directory / WEIGHTS
+    # model.json is the commit marker: remove an old one first, so a crash while the new weights
+    # are written leaves "no checkpoint" rather than old metadata over new weights.
+    (directory / META).unlink(missing_ok=True)
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     n_params = sum(p.numel() for p in model.parameters())

@@ -42,14 +42,16 @@ import torch
 from indextts.config import ConfigError
 from indextts.files import atomic_path, sha256_file
 
-# The demo's tiny DAC: the smallest architecture DAC's constructor accepts that still has two
-# down-sampling stages (hop 8) and residual quantisation (3 codebooks), so every code path of a
-# real codec runs in milliseconds. 16 kHz like the official speech model.
+# The demo's tiny DAC: 8-channel encoder, 3 codebooks of 16, so every code path of a real
+# codec runs on a CPU in a blink. Its strides multiply to a hop of 320 samples, so at 16 kHz it
+# gives 50 frames/s like the official 16 kHz model: rates [2, 4] (hop 8) would give 2000
+# frames/s, code sequences 40x longer than a real codec's for the demo GPT to learn, and were
+# also slower (the quantiser runs per frame).
 DEMO_CODEC_KWARGS: dict = {
     "encoder_dim": 8,
-    "encoder_rates": [2, 4],
+    "encoder_rates": [4, 8, 10],
     "decoder_dim": 32,
-    "decoder_rates": [4, 2],
+    "decoder_rates": [10, 8, 4],
     "n_codebooks": 3,
     "codebook_size": 16,
     "codebook_dim": 4,
@@ -131,25 +133,30 @@ def _import_dac():
     return dac
 
 
+def _is_torch_package(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/.data/extern_modules") for name in z.namelist())
+
+
 def _read_weights_file(path: Path) -> dict:
     if not path.exists():
         raise CodecLoadError(
             f"{path}: codec weights not found. Set codec.weights to a DAC weights file (see "
             "config/ for the official 16/24/44 kHz files), or for the demo run the make_demo_codec rule."
         )
+    if _is_torch_package(path):
+        raise CodecLoadError(
+            f"{path}: this is a torch.package (what DAC's save() writes by default, package=True): the "
+            "model pickled together with its code, which cannot be loaded safely (torch.load with "
+            "weights_only=True refuses it). On a machine you trust, convert it once with "
+            "`dac.DAC.load(path).save(new_path, package=False)` and point codec.weights at new_path."
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        hint = ""
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                if any(n.endswith(".data/extern_modules") or "/.data/python_version" in n for n in z.namelist()):
-                    hint = (
-                        " It is a torch.package (DAC's save() default, package=True), which holds pickled "
-                        "code and cannot be loaded safely. On a machine you trust, convert it once with "
-                        "`dac.DAC.load(path).save(new_path, package=False)` and point codec.weights at new_path."
-                    )
-        raise CodecLoadError(f"{path}: not loadable with torch.load(weights_only=True): {e}.{hint}") from e
+        raise CodecLoadError(f"{path}: refused by torch.load(weights_only=True), it holds more than weights: {e}") from e
     except Exception as e:  # zip/EOF errors: a truncated or foreign file
         raise CodecLoadError(f"{path}: not a readable torch weights file ({type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or "state_dict" not in blob or "metadata" not in blob:
@@ -222,7 +229,9 @@ def load_codec(
     if "sample_rate" not in kwargs:
         raise CodecLoadError(f"{path}: metadata kwargs do not record sample_rate; cannot know the codec's rate")
     try:
-        model = dac.DAC(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # DAC's use of the old weight_norm API
+            model = dac.DAC(**kwargs)
     except Exception as e:
         raise CodecLoadError(f"{path}: DAC(**kwargs) failed for kwargs {kwargs}: {e}") from e
     state = blob["state_dict"]
@@ -351,7 +360,9 @@ def make_demo_codec(output: str | Path, seed: int = 0, sample_rate: int = 16000)
     kwargs = {**DEMO_CODEC_KWARGS, "sample_rate": int(sample_rate)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = dac.DAC(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = dac.DAC(**kwargs)
     buf = io.BytesIO()
     model.save(buf, package=False)
     with atomic_path(output) as tmp:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import struct
@@ -135,67 +134,112 @@ def _manifest_format(path: Path) -> str:
     raise ManifestError(f"{path}: unknown manifest format; use .jsonl, .csv, .tsv or .parquet")
 
 
-_JSON_CHUNK_LINES = 65536
+# Parse unit for JSONL: big enough that Arrow's threaded parser has work for every core, small
+# enough that a bad line costs little (see _parse_span).
+_JSON_BLOCK_BYTES = 32 << 20
+# Spans with at most this many lines are parsed line by line once Arrow has rejected them.
+_JSON_SLOW_LINES = 64
+# A line that is only ASCII whitespace is not a row. These are the byte pairs that can start one
+# after a newline; a block holding none of them has no blank line (cheap substring searches).
+_BLANK_STARTS = (b"\n\n", b"\n\r", b"\n ", b"\n\t", b"\n\x0b", b"\n\x0c")
+
+
+def _jsonl_schema(mapping: dict[str, str]) -> pa.Schema:
+    return pa.schema([(mapping[c], pa.float64() if c == "duration" else pa.string()) for c in CANONICAL if mapping[c]])
 
 
 def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dict]]:
-    """Parse a JSONL manifest in chunks with Arrow; a chunk that fails (a malformed line, a
-    number where a string was expected) is re-parsed line by line, so one bad line costs one chunk
-    of slow parsing and lands in the rejects instead of failing the whole file."""
-    data = path.read_bytes()
-    buf = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(buf == 10)
-    starts = np.concatenate(([0], nl + 1))
-    ends = np.concatenate((nl, [len(data)]))
-    lengths = ends - starts
-    # Blank lines (empty, "\r", spaces) are not rows. Only short lines can be blank.
-    short = np.flatnonzero(lengths <= 8)
-    blank = np.zeros(len(starts), dtype=bool)
-    for i in short:
-        blank[i] = not data[starts[i] : ends[i]].strip()
-    line_idx = np.flatnonzero(~blank)  # 0-based line numbers of rows
+    """Parse a JSONL manifest with Arrow, block by block.
 
-    fields = {c: mapping[c] for c in CANONICAL}
-    schema = pa.schema(
-        [(fields[c], pa.float64() if c == "duration" else pa.string()) for c in CANONICAL if fields[c]]
-    )
+    A block that Arrow rejects (a malformed line, a number where a string was expected) is split
+    in halves until the bad line is isolated in a span of at most ``_JSON_SLOW_LINES`` lines, which
+    is parsed line by line: one bad line costs a few re-parses, not a slow pass over the file, and
+    it lands in the rejects instead of failing the whole file. Row numbers are physical 1-based
+    line numbers; blank lines are not rows.
+    """
+    schema = _jsonl_schema(mapping)
     parse_opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
     tables: list[pa.Table] = []
     malformed: list[dict] = []
-    for c0 in range(0, len(line_idx), _JSON_CHUNK_LINES):
-        idx = line_idx[c0 : c0 + _JSON_CHUNK_LINES]
-        lo, hi = int(starts[idx[0]]), int(ends[idx[-1]])
-        table = None
-        try:
-            table = pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), parse_options=parse_opts)
-            if table.num_rows != len(idx):
-                table = None
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            table = None
-        if table is None:
-            table, bad = _parse_lines_slowly(data, starts, ends, idx, fields, schema)
-            malformed += bad
-        else:
-            table = table.append_column("row", pa.array(idx + 1, type=pa.int64()))
-        tables.append(table)
+    lines_before = 0
+    carry = b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_JSON_BLOCK_BYTES)
+            data = carry + chunk if carry else chunk
+            if not data:
+                break
+            if chunk:  # keep the unfinished last line for the next block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    carry = data
+                    continue
+                data, carry = data[:cut], data[cut:]
+            else:
+                carry = b""
+            _parse_span(data, 0, len(data), lines_before, schema, parse_opts, tables, malformed)
+            lines_before += data.count(b"\n")
+            if not chunk:
+                break
     if not tables:
         return _empty_rows(schema), malformed
     return pa.concat_tables(tables), malformed
 
 
-def _parse_lines_slowly(data, starts, ends, idx, fields, schema) -> tuple[pa.Table, list[dict]]:
+def _row_numbers(data: bytes, lo: int, hi: int, lines_before: int) -> np.ndarray:
+    """1-based line numbers of the non-blank lines in ``data[lo:hi]`` (whole lines)."""
+    first = data[lo : lo + 1]
+    if not first.isspace() and not any(data.find(b, lo, hi) >= 0 for b in _BLANK_STARTS):
+        n = data.count(b"\n", lo, hi) + (0 if data.endswith(b"\n", lo, hi) else 1)
+        return np.arange(lines_before + 1, lines_before + n + 1, dtype=np.int64)
+    buf = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo)
+    nl = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], nl + 1))
+    ends = np.concatenate((nl, [hi - lo]))
+    short = np.flatnonzero(ends - starts <= 8)  # only short lines can be blank; check those
+    blank = np.zeros(len(starts), dtype=bool)
+    for i in short:
+        blank[i] = not data[lo + starts[i] : lo + ends[i]].strip()
+    return np.flatnonzero(~blank).astype(np.int64) + lines_before + 1
+
+
+def _parse_span(data: bytes, lo: int, hi: int, lines_before: int, schema: pa.Schema, parse_opts, tables: list, malformed: list) -> None:
+    rows = _row_numbers(data, lo, hi, lines_before)
+    if not len(rows):
+        return
+    try:
+        table = pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), parse_options=parse_opts)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        table = None
+    if table is not None and table.num_rows == len(rows):
+        tables.append(table.append_column("row", pa.array(rows)))
+        return
+    if len(rows) <= _JSON_SLOW_LINES:
+        table, bad = _parse_lines_slowly(data[lo:hi], lines_before, schema)
+        tables.append(table)
+        malformed += bad
+        return
+    mid = data.find(b"\n", (lo + hi) // 2, hi) + 1
+    if mid <= lo or mid >= hi:  # the middle falls in the last line: split before it instead
+        mid = data.rfind(b"\n", lo, (lo + hi) // 2) + 1
+    _parse_span(data, lo, mid, lines_before, schema, parse_opts, tables, malformed)
+    _parse_span(data, mid, hi, lines_before + data.count(b"\n", lo, mid), schema, parse_opts, tables, malformed)
+
+
+def _parse_lines_slowly(data: bytes, lines_before: int, schema: pa.Schema) -> tuple[pa.Table, list[dict]]:
     cols: dict[str, list] = {f.name: [] for f in schema}
     rows: list[int] = []
     bad: list[dict] = []
-    for i in idx:
-        raw = data[int(starts[i]) : int(ends[i])]
+    for i, raw in enumerate(data.split(b"\n"), start=lines_before + 1):
+        if not raw.strip():
+            continue
         try:
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
         except ValueError as e:
             text = raw.decode("utf-8", errors="replace")
-            bad.append({"row": int(i) + 1, "detail": f"{type(e).__name__}: {e}; line: {text[:200]}"})
+            bad.append({"row": i, "detail": f"{type(e).__name__}: {e}; line: {text[:200]}"})
             continue
         for f in schema:
             v = obj.get(f.name)
@@ -207,7 +251,7 @@ def _parse_lines_slowly(data, starts, ends, idx, fields, schema) -> tuple[pa.Tab
             elif v is not None and not isinstance(v, str):
                 v = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
             cols[f.name].append(v)
-        rows.append(int(i) + 1)
+        rows.append(i)
     arrays = [pa.array(cols[f.name], type=f.type) for f in schema] + [pa.array(rows, type=pa.int64())]
     return pa.Table.from_arrays(arrays, names=[f.name for f in schema] + ["row"]), bad
 
@@ -252,8 +296,9 @@ def read_manifest(spec: ManifestSpec, columns: Columns, default_language: str) -
     """Read one manifest into canonical columns.
 
     Returns:
-        (rows, malformed): ``rows`` has ``manifest, row`` plus the canonical fields (strings,
-        ``duration`` float64, missing optional columns all-null); ``malformed`` lists
+        (rows, malformed): ``rows`` has ``manifest`` (dictionary-encoded string), ``row`` (1-based
+        line/row number) plus the canonical fields (strings, ``duration`` float64, missing
+        optional columns all-null); ``malformed`` lists
         ``{row, detail}`` for lines that could not be parsed.
 
     Raises:
@@ -284,7 +329,9 @@ def read_manifest(spec: ManifestSpec, columns: Columns, default_language: str) -
             hints = ", ".join(f"{c} (looked for column {mapping[c]!r}; set data.columns.{c})" for c in missing)
             raise ManifestError(f"{path}: required column(s) missing: {hints}; the file has: {', '.join(sorted(table.column_names))}")
     n = table.num_rows
-    out = {"manifest": pa.array([str(path)] * n, type=pa.string()) if n < 1 else pa.repeat(pa.scalar(str(path)), n), "row": table.column("row")}
+    # One path for every row: dictionary-encoded, not 3M copies of the string.
+    manifest = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([str(path)]))
+    out = {"manifest": manifest, "row": table.column("row")}
     for c in CANONICAL:
         name = mapping[c]
         if name in table.column_names:
@@ -294,8 +341,7 @@ def read_manifest(spec: ManifestSpec, columns: Columns, default_language: str) -
         else:
             out[c] = pa.nulls(n, type=pa.float64() if c == "duration" else pa.string())
     lang = spec.language or default_language
-    out["language"] = pc.if_else(pc.is_null(out["language"]), pa.scalar(lang), out["language"])
-    out["base_dir"] = pa.repeat(pa.scalar(str(path.resolve().parent)), n)
+    out["language"] = pc.fill_null(out["language"], lang)
     return pa.table(out), malformed
 
 
@@ -374,16 +420,232 @@ def probe_many(paths: Sequence[str], workers: int, progress: bool = True) -> lis
 # --------------------------------------------------------------------------------------------
 # Cleaning
 
+# XXH64 (https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md) constants.
+_P1 = np.uint64(0x9E3779B185EBCA87)
+_P2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_P3 = np.uint64(0x165667B19E3779F9)
+_P4 = np.uint64(0x85EBCA77C2B2AE63)
+_P5 = np.uint64(0x27D4EB2F165667C5)
+_V1 = np.uint64((0x9E3779B185EBCA87 + 0xC2B2AE3D27D4EB4F) % 2**64)
+_V4 = np.uint64(-0x9E3779B185EBCA87 % 2**64)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
-def stable_fraction(keys: Iterable[str], salt: str = "") -> np.ndarray:
-    """Map strings to [0, 1) with blake2b, identically on every machine and Python version
-    (``hash()`` is salted per process, so it cannot decide a split)."""
-    prefix = salt.encode()
-    out = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8).digest(), "little") for k in keys),
-        dtype=np.uint64,
-    )
-    return out.astype(np.float64) / 2.0**64
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+def _xxh_round(acc, lane: np.ndarray) -> np.ndarray:
+    return _rotl(acc + lane * _P2, 31) * _P1
+
+
+def _xxh64_fixed(block: np.ndarray, length: int) -> np.ndarray:
+    """XXH64 (seed 0) of every row of ``block``: (m, length rounded up to 8) uint8, the bytes past
+    ``length`` zero. One length per call, so the spec's branches become plain column arithmetic."""
+    lanes = block.view("<u8")
+    i = 0
+    if length >= 32:
+        m = block.shape[0]
+        v1, v2 = np.full(m, _V1), np.full(m, _P2)
+        v3, v4 = np.zeros(m, np.uint64), np.full(m, _V4)
+        for _ in range(length // 32):
+            v1 = _xxh_round(v1, lanes[:, i])
+            v2 = _xxh_round(v2, lanes[:, i + 1])
+            v3 = _xxh_round(v3, lanes[:, i + 2])
+            v4 = _xxh_round(v4, lanes[:, i + 3])
+            i += 4
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        for v in (v1, v2, v3, v4):
+            h = (h ^ _xxh_round(np.uint64(0), v)) * _P1 + _P4
+    else:
+        h = np.full(block.shape[0], _P5)
+    h += np.uint64(length)
+    rem = length - 8 * i
+    while rem >= 8:
+        h = _rotl(h ^ _xxh_round(np.uint64(0), lanes[:, i]), 27) * _P1 + _P4
+        i, rem = i + 1, rem - 8
+    b = 8 * i
+    if rem >= 4:
+        h = _rotl(h ^ ((lanes[:, i] & _LOW32) * _P1), 23) * _P2 + _P3
+        b, rem = b + 4, rem - 4
+    for _ in range(rem):
+        h = _rotl(h ^ (block[:, b].astype(np.uint64) * _P5), 11) * _P1
+        b += 1
+    h ^= h >> np.uint64(33)
+    h *= _P2
+    h ^= h >> np.uint64(29)
+    h *= _P3
+    h ^= h >> np.uint64(32)
+    return h
+
+
+def _as_string_array(keys: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
+    if not isinstance(keys, pa.Array):
+        keys = pa.array(list(keys), type=pa.string())
+    if keys.null_count:
+        raise ValueError("stable_hash64: keys must not be null")
+    return keys.cast(pa.large_string()) if keys.type != pa.large_string() else keys
+
+
+def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
+    """XXH64 (seed 0) of the UTF-8 bytes of ``salt + key`` for every key, as ``uint64``.
+
+    The same on every machine, process and Python version (unlike ``hash()``), vectorised over
+    Arrow's string buffers (3M keys in well under a second, where a Python loop of ``hashlib``
+    calls takes seconds). Any XXH64 implementation reproduces it, e.g.
+    ``xxhash.xxh64_intdigest((salt + key).encode())``.
+
+    Args:
+        keys: strings (a Python iterable or an Arrow string array); no nulls.
+        salt: prepended to every key before hashing.
+
+    Returns:
+        ``uint64`` array, one hash per key.
+    """
+    arr = _as_string_array(keys)
+    if salt:
+        arr = pc.binary_join_element_wise(pa.scalar(salt, pa.large_string()), arr, "")
+    n = len(arr)
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    base, end = int(offsets[0]), int(offsets[-1])
+    lengths = np.diff(offsets)
+    width = max(8, -(-int(lengths.max(initial=0)) // 8) * 8)
+    # Zero padding after the last key, so a fixed-width window starting at any key stays inside.
+    padded = np.zeros(end - base + width, dtype=np.uint8)
+    if end > base:
+        padded[: end - base] = np.frombuffer(data_buf, dtype=np.uint8, count=end - base, offset=base)
+    starts = offsets[:-1] - base
+    # Hash keys of one length together: each group is a (rows, width) byte matrix, cut from the
+    # buffer by a strided window view, and its lanes are columns of that matrix.
+    order = np.argsort(lengths.astype(np.uint16) if width < 2**16 else lengths, kind="stable")
+    sorted_len = lengths[order]
+    cuts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_len)) + 1, [n]))
+    out = np.empty(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            if a == b:
+                continue
+            length = int(sorted_len[a])
+            w = max(8, -(-length // 8) * 8)
+            rows = order[a:b]
+            window = np.lib.stride_tricks.as_strided(padded, shape=(len(padded) - w + 1, w), strides=(1, 1), writeable=False)
+            block = window[starts[rows]]
+            block[:, length:] = 0
+            out[rows] = _xxh64_fixed(block, length)
+    return out
+
+
+def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
+    """Map strings to [0, 1): the top 53 bits of :func:`stable_hash64` ``(salt + key)`` over 2**53.
+
+    Identical on every machine, process and Python version (``hash()`` is salted per process, so
+    it cannot decide a split). An utterance is in val when its fraction is below
+    ``clean.val_fraction``.
+    """
+    return (stable_hash64(keys, salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def _first_occurrences(keys: pa.Array | pa.ChunkedArray, hashes: np.ndarray) -> np.ndarray:
+    """True where ``keys[i]`` equals no earlier key. Exact: keys are grouped by their 64-bit
+    hash, and a key whose hash was seen before is compared with that earlier key's string, so a
+    hash collision never makes two different keys duplicates."""
+    import pandas as pd
+
+    n = len(hashes)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    codes, _ = pd.factorize(hashes)  # codes numbered in order of first appearance (documented)
+    top = np.maximum.accumulate(codes)
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    first[1:] = top[1:] > top[:-1]
+    later = np.flatnonzero(~first)
+    if len(later):
+        first_pos = np.flatnonzero(first)
+        earlier = first_pos[codes[later]]
+        same = pc.equal(keys.take(pa.array(later)), keys.take(pa.array(earlier))).to_numpy(zero_copy_only=False)
+        if not same.all():  # a true 64-bit collision: settle those hash groups string by string
+            groups = np.unique(codes[later[~same]])
+            rows = np.flatnonzero(np.isin(codes, groups))
+            seen: set[str] = set()
+            for i, k in zip(rows.tolist(), keys.take(pa.array(rows)).to_pylist()):
+                first[i] = k not in seen
+                seen.add(k)
+    return first
+
+
+def _absolute_paths(audio: pa.ChunkedArray, base_dir: str) -> pa.ChunkedArray:
+    """Relative audio paths resolved against the manifest's folder (absolute ones kept)."""
+    is_abs = pc.starts_with(audio, "/")
+    n_abs = pc.sum(is_abs).as_py() or 0
+    if n_abs == len(audio):
+        return audio
+    joined = pc.binary_join_element_wise(base_dir, audio, "/")
+    return joined if n_abs == 0 else pc.if_else(is_abs, audio, joined)
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
+    """Mojibake flags, normalised text and its length without spaces, computed on slices in a
+    thread pool: Arrow's string kernels release the GIL but each runs on one core."""
+    n = len(raw_text)
+    workers = _workers()
+    n_slices = 1 if n < 50_000 or workers == 1 else 4 * workers
+    bounds = np.linspace(0, n, n_slices + 1).astype(np.int64).tolist()
+
+    def work(a: int, b: int) -> tuple[pa.Array, pa.Array, pa.Array]:
+        piece = raw_text.slice(a, b - a)
+        text = normalize_array(piece, cfg)
+        n_chars = pc.subtract(pc.utf8_length(text), pc.count_substring(text, " "))
+        return has_bad_encoding(piece), text, n_chars
+
+    if n_slices == 1:
+        parts = [work(0, n)]
+    else:
+        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(work, bounds[:-1], bounds[1:]))
+
+    def flat(i: int) -> pa.ChunkedArray:
+        chunks = [c for p in parts for c in (p[i].chunks if isinstance(p[i], pa.ChunkedArray) else [p[i]])]
+        return pa.chunked_array(chunks, type=chunks[0].type) if chunks else pa.chunked_array([], type=pa.string())
+
+    bad = flat(0).to_numpy(zero_copy_only=False).astype(bool) if n else np.zeros(0, bool)
+    n_chars = flat(2).to_numpy(zero_copy_only=False).astype(np.float64) if n else np.zeros(0)
+    return bad, flat(1), n_chars
+
+
+class _Rejects:
+    """The first reason each row is rejected for (checks run in :data:`REASONS` order), as a
+    small-int code per row; details are strings built only for the rows that are rejected."""
+
+    def __init__(self, n: int):
+        self.code = np.full(n, -1, dtype=np.int8)
+        self.details: list[tuple[np.ndarray, object]] = []  # (rows, str | callable(rows) -> list[str])
+
+    def alive(self) -> np.ndarray:
+        return self.code < 0
+
+    def add(self, mask: np.ndarray, reason: str, detail) -> None:
+        rows = np.flatnonzero(mask & (self.code < 0))
+        if len(rows):
+            self.code[rows] = REASONS.index(reason)
+            self.details.append((rows, detail))
+
+    def detail_strings(self, rows: np.ndarray) -> list[str]:
+        """Details for ``rows``: every rejected row, ascending."""
+        out = np.empty(len(rows), dtype=object)
+        for r, d in self.details:
+            out[np.searchsorted(rows, r)] = d(r) if callable(d) else d
+        return [str(d) for d in out]
 
 
 def clean_manifest(
@@ -413,87 +675,101 @@ def clean_manifest(
     if not specs:
         raise ManifestError("data.manifests is empty: list at least one manifest file")
 
-    parts, bad_rows, per_manifest = [], [], []
+    parts, paths_parts, bad_rows, per_manifest = [], [], [], []
     for spec in specs:
         table, malformed = read_manifest(spec, data_cfg.columns, text_cfg.language)
         parts.append(table)
+        audio = pc.fill_null(table.column("audio"), "")
+        paths_parts += _absolute_paths(audio, str(Path(spec.path).resolve().parent)).chunks
         for b in malformed:
             bad_rows.append({"manifest": str(spec.path), "row": b["row"], "reason": "malformed", "detail": b["detail"]})
         per_manifest.append({"path": str(spec.path), "rows": table.num_rows + len(malformed), "malformed": len(malformed)})
     rows = pa.concat_tables(parts)
+    audio_path = pa.chunked_array(paths_parts, type=pa.string())
     n = rows.num_rows
+    rej = _Rejects(n)
 
-    reason = np.full(n, None, dtype=object)
-    detail = np.full(n, "", dtype=object)
-
-    def reject(mask: np.ndarray, code: str, why: np.ndarray | str) -> None:
-        sel = mask & (reason == None)  # noqa: E711 (elementwise on an object array)
-        reason[sel] = code
-        detail[sel] = why[sel] if isinstance(why, np.ndarray) else why
-
-    def null_or_blank(col: str) -> np.ndarray:
-        c = rows.column(col)
-        return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(c), ""), True).to_numpy(zero_copy_only=False)
+    def blank(col: pa.ChunkedArray) -> np.ndarray:
+        """Null, empty or only whitespace."""
+        empty = pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
+        return pc.fill_null(empty, True).to_numpy(zero_copy_only=False)
 
     for c in REQUIRED:
-        mask = null_or_blank(c) if c != "text" else pc.is_null(rows.column("text")).to_numpy(zero_copy_only=False)
-        reject(mask, "missing_field", f"no {c} (column {getattr(data_cfg.columns, c)!r})")
+        mask = blank(rows.column(c)) if c != "text" else pc.is_null(rows.column("text")).to_numpy(zero_copy_only=False)
+        rej.add(mask, "missing_field", f"no {c} (column {getattr(data_cfg.columns, c)!r})")
 
     raw_text = pc.fill_null(rows.column("text"), "")
-    reject(has_bad_encoding(raw_text).to_numpy(zero_copy_only=False), "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
-    text = normalize_array(raw_text, text_cfg)
-    reject(pc.equal(text, "").to_numpy(zero_copy_only=False), "empty_text", "transcript is empty after normalisation")
+    bad_encoding, text, n_chars = _text_columns(raw_text, text_cfg)
+    rej.add(bad_encoding, "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
+    rej.add(n_chars == 0, "empty_text", "transcript is empty after normalisation")  # no non-space character left
 
-    audio = pc.fill_null(rows.column("audio"), "")
-    is_abs = pc.starts_with(audio, "/").to_numpy(zero_copy_only=False)
-    audio_path = pc.if_else(pa.array(is_abs), audio, pc.binary_join_element_wise(rows.column("base_dir"), audio, "/"))
+    # utt_id: the given id, or the audio path without its extension where none is given.
     ids_given = rows.column("id")
-    derived = pc.replace_substring_regex(audio, pattern=r"\.[A-Za-z0-9]+$", replacement="")
-    utt_id = pc.if_else(pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(ids_given), ""), False), ids_given, derived)
+    no_id = blank(ids_given)
+    if no_id.any():
+        audio = pc.fill_null(rows.column("audio"), "")
+        derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
+        filled = pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())
+        utt_id = pa.chunked_array([filled])
+    else:
+        utt_id = ids_given
 
+    id_hash = None
     if clean_cfg.drop_duplicates:
-        alive = reason == None  # noqa: E711
-        idx = np.flatnonzero(alive)
-        uid = np.asarray(utt_id.to_numpy(zero_copy_only=False), dtype=object)
-        apath = np.asarray(audio_path.to_numpy(zero_copy_only=False), dtype=object)
-        import pandas as pd
-
-        frame = pd.DataFrame({"uid": uid[idx], "path": apath[idx]})
-        dup_id = frame["uid"].duplicated().to_numpy()
-        dup_path = frame["path"].duplicated().to_numpy()
+        idx = np.flatnonzero(rej.alive())
+        sel = pa.array(idx)
+        alive_ids = utt_id.take(sel)
+        id_hash = stable_hash64(alive_ids)
+        dup_id = ~_first_occurrences(alive_ids, id_hash)
+        alive_paths = audio_path.take(sel)
+        dup_path = ~_first_occurrences(alive_paths, stable_hash64(alive_paths))
         mask = np.zeros(n, dtype=bool)
         mask[idx[dup_id | dup_path]] = True
-        why = np.where(np.isin(np.arange(n), idx[dup_id]), "utt_id already seen in an earlier row", "audio file already listed in an earlier row")
-        reject(mask, "duplicate", why.astype(object))
+        by_id = np.zeros(n, dtype=bool)
+        by_id[idx[dup_id]] = True
+        rej.add(mask, "duplicate", lambda r: np.where(by_id[r], "utt_id already seen in an earlier row", "audio file already listed in an earlier row"))
+        id_hash_rows = idx
 
     duration = rows.column("duration").to_numpy(zero_copy_only=False).astype(np.float64)
     sample_rate = np.zeros(n, dtype=np.int64)
     channels = np.zeros(n, dtype=np.int64)
-    alive = reason == None  # noqa: E711
+    alive = rej.alive()
     need_probe = alive & (~np.isfinite(duration) if clean_cfg.trust_durations else True)
     idx = np.flatnonzero(need_probe)
     paths = audio_path.take(pa.array(idx)).to_pylist() if len(idx) else []
     infos = probe_many(paths, clean_cfg.probe_workers, progress=progress)
-    for i, info in zip(idx, infos):
+    probe_fail: dict[str, tuple[list[int], list[str]]] = {}
+    for i, info in zip(idx.tolist(), infos):
         if info.reason:
-            reason[i], detail[i] = info.reason, info.detail
+            probe_fail.setdefault(info.reason, ([], []))
+            probe_fail[info.reason][0].append(i)
+            probe_fail[info.reason][1].append(info.detail)
         else:
             sample_rate[i], channels[i] = info.sample_rate, info.channels
             duration[i] = info.frames / info.sample_rate
+    for reason in REASONS:  # probe failures are exclusive, so their order does not matter
+        if reason in probe_fail:
+            where, why = probe_fail[reason]
+            mask = np.zeros(n, dtype=bool)
+            mask[where] = True
+            rej.add(mask, reason, lambda r, d=dict(zip(where, why)): [d[i] for i in r.tolist()])
 
-    alive = reason == None  # noqa: E711
-    with np.errstate(invalid="ignore"):
-        reject(alive & (duration < clean_cfg.min_duration), "too_short", np.char.add(np.round(duration, 3).astype(str), f" s < clean.min_duration {clean_cfg.min_duration}").astype(object))
-        reject(alive & (duration > clean_cfg.max_duration), "too_long", np.char.add(np.round(duration, 3).astype(str), f" s > clean.max_duration {clean_cfg.max_duration}").astype(object))
-        n_chars = pc.utf8_length(pc.replace_substring(text, " ", "")).to_numpy(zero_copy_only=False).astype(np.float64)
+    lo, hi = clean_cfg.min_duration, clean_cfg.max_duration
+    lo_cps, hi_cps = clean_cfg.min_chars_per_second, clean_cfg.max_chars_per_second
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rej.add(duration < lo, "too_short", lambda r: [f"{round(float(d), 3)} s < clean.min_duration {lo}" for d in duration[r]])
+        rej.add(duration > hi, "too_long", lambda r: [f"{round(float(d), 3)} s > clean.max_duration {hi}" for d in duration[r]])
         cps = n_chars / np.where(duration > 0, duration, np.nan)
-        bad_cps = (cps < clean_cfg.min_chars_per_second) | (cps > clean_cfg.max_chars_per_second)
-        reject((reason == None) & bad_cps, "chars_per_second", np.char.add(np.round(cps, 2).astype(str), f" chars/s outside [{clean_cfg.min_chars_per_second}, {clean_cfg.max_chars_per_second}]").astype(object))  # noqa: E711
+        rej.add((cps < lo_cps) | (cps > hi_cps), "chars_per_second", lambda r: [f"{round(float(c), 2)} chars/s outside [{lo_cps}, {hi_cps}]" for c in cps[r]])
 
-    keep = reason == None  # noqa: E711
-    keep_idx = pa.array(np.flatnonzero(keep))
+    keep = rej.alive()
+    keep_rows = np.flatnonzero(keep)
+    keep_idx = pa.array(keep_rows)
     kept_ids = utt_id.take(keep_idx)
-    frac = stable_fraction(kept_ids.to_pylist(), clean_cfg.split_salt)
+    if id_hash is not None and not clean_cfg.split_salt:  # reuse the dedup hashes of the kept rows
+        frac = (id_hash[np.searchsorted(id_hash_rows, keep_rows)] >> np.uint64(11)).astype(np.float64) / 2.0**53
+    else:
+        frac = stable_fraction(kept_ids, clean_cfg.split_salt)
     is_val = frac < clean_cfg.val_fraction
     if clean_cfg.val_fraction > 0 and len(frac) >= 2 and not is_val.any():
         is_val[np.argmin(frac)] = True  # a tiny corpus still gets one val utterance to report on
@@ -510,14 +786,15 @@ def clean_manifest(
             "duration": pa.array(duration[keep], type=pa.float64()),
             "sample_rate": pa.array(np.where(probed, sample_rate[keep], 0), type=pa.int32(), mask=~probed),
             "channels": pa.array(np.where(probed, channels[keep], 0), type=pa.int16(), mask=~probed),
-            "split": pa.array(np.where(is_val, "val", "train"), type=pa.string()),
+            "split": pa.DictionaryArray.from_arrays(pa.array(is_val.astype(np.int8)), pa.array(["train", "val"])).cast(pa.string()),
         }
     )
 
-    rej_idx = pa.array(np.flatnonzero(~keep))
+    rej_rows = np.flatnonzero(~keep)
+    rej_idx = pa.array(rej_rows)
     rejects = pa.table(
         {
-            "manifest": rows.column("manifest").take(rej_idx),
+            "manifest": rows.column("manifest").take(rej_idx).cast(pa.string()),
             "row": rows.column("row").take(rej_idx),
             "utt_id": utt_id.take(rej_idx),
             "audio": rows.column("audio").take(rej_idx),
@@ -526,8 +803,8 @@ def clean_manifest(
             "language": rows.column("language").take(rej_idx),
             "emotion": rows.column("emotion").take(rej_idx),
             "duration": rows.column("duration").take(rej_idx),
-            "reason": pa.array(reason[~keep].tolist(), type=pa.string()),
-            "detail": pa.array([str(d) for d in detail[~keep]], type=pa.string()),
+            "reason": pa.array([REASONS[c] for c in rej.code[rej_rows].tolist()], type=pa.string()),
+            "detail": pa.array(rej.detail_strings(rej_rows), type=pa.string()),
         }
     )
     if bad_rows:
@@ -543,13 +820,14 @@ def clean_manifest(
         rejects = rejects.sort_by([("manifest", "ascending"), ("row", "ascending")])
 
     n_input = n + len(bad_rows)
-    summary = _summary(clean, rejects, n_input, per_manifest, clean_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = CleanOutputs(out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
-    with atomic_path(paths.clean) as tmp:
-        pq.write_table(clean, tmp, compression="zstd")
-    with atomic_path(paths.rejects) as tmp:
-        pq.write_table(rejects, tmp, compression="zstd")
+    # The summary's counts and the two Parquet encodings are independent: run them side by side.
+    with cf.ThreadPoolExecutor(max_workers=3) as pool:
+        jobs = [pool.submit(_write_parquet, clean, paths.clean), pool.submit(_write_parquet, rejects, paths.rejects)]
+        summary = _summary(clean, rejects, n_input, per_manifest, clean_cfg)
+        for j in jobs:
+            j.result()
     write_json(paths.summary, summary)
     if clean.num_rows == 0:
         top = ", ".join(f"{k}: {v}" for k, v in summary["rejected_by_reason"].items() if v)
@@ -557,12 +835,16 @@ def clean_manifest(
     return paths
 
 
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
 def _summary(clean: pa.Table, rejects: pa.Table, n_input: int, per_manifest: list[dict], cfg: CleanConfig) -> dict:
     counts = {r: 0 for r in REASONS}
-    for r, c in zip(*np.unique(np.asarray(rejects.column("reason").to_pylist(), dtype=object).astype(str), return_counts=True)) if rejects.num_rows else []:
-        counts[str(r)] = int(c)
+    counts.update({str(k): int(v) for k, v in _value_counts(rejects.column("reason")).items()})
     dur = clean.column("duration").to_numpy()
-    split = np.asarray(clean.column("split").to_pylist())
+    is_val = pc.equal(clean.column("split"), "val").to_numpy(zero_copy_only=False).astype(bool) if clean.num_rows else np.zeros(0, bool)
     speakers = clean.column("speaker")
     summary = {
         "input_rows": n_input,
@@ -571,9 +853,9 @@ def _summary(clean: pa.Table, rejects: pa.Table, n_input: int, per_manifest: lis
         "reconciled": clean.num_rows + rejects.num_rows == n_input,
         "rejected_by_reason": counts,
         "hours_kept": round(float(dur.sum()) / 3600, 4),
-        "hours_by_split": {s: round(float(dur[split == s].sum()) / 3600, 4) for s in ("train", "val")},
-        "utterances_by_split": {s: int((split == s).sum()) for s in ("train", "val")},
-        "speakers": len(pc.unique(speakers)) if clean.num_rows else 0,
+        "hours_by_split": {"train": round(float(dur[~is_val].sum()) / 3600, 4), "val": round(float(dur[is_val].sum()) / 3600, 4)},
+        "utterances_by_split": {"train": int((~is_val).sum()), "val": int(is_val.sum())},
+        "speakers": pc.count_distinct(speakers).as_py() if clean.num_rows else 0,
         "languages": _value_counts(clean.column("language")),
         "emotions": _value_counts(clean.column("emotion")),
         "durations_probed": clean.num_rows - clean.column("sample_rate").null_count,

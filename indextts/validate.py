@@ -92,6 +92,10 @@ _CLEAN_COLUMNS = {
 }
 
 
+# Columns that may be entirely null (Arrow then types them ``null``).
+_NULLABLE = ("emotion",)
+
+
 def _type_family(t) -> str:
     import pyarrow as pa
 
@@ -116,7 +120,7 @@ def check_manifest(clean_path: Path) -> dict[str, Any]:
     for col, fam in _CLEAN_COLUMNS.items():
         if col not in table.column_names:
             problems.append(f"missing column {col!r}")
-        elif (got := _type_family(table.schema.field(col).type)) != fam:
+        elif (got := _type_family(table.schema.field(col).type)) != fam and not (col in _NULLABLE and got == "null"):
             problems.append(f"column {col!r} is {got}, expected {fam}")
     n = table.num_rows
     numbers: dict[str, Any] = {"rows": n, "columns": len(table.column_names)}
@@ -143,7 +147,7 @@ def check_manifest(clean_path: Path) -> dict[str, Any]:
             problems.append(f"split values other than train/val: {odd}")
         if not counts.get("train"):
             problems.append("no train rows")
-    if "duration" in table.column_names:
+    if "duration" in table.column_names and _type_family(table.schema.field("duration").type) == "float":
         numbers["hours"] = round(float(pc.sum(table.column("duration")).as_py() or 0.0) / 3600, 4)
     if "speaker" in table.column_names:
         numbers["speakers"] = len(pc.unique(table.column("speaker")))
@@ -195,11 +199,19 @@ def check_vocab(bpe_path: Path, clean_path: Path, *, max_unk_ratio: float, max_t
     return numbers
 
 
-def codebook_size(codes_index: Path, config: Mapping[str, Any]) -> int:
-    """The codec's codebook size, from the codes index (what the codes were made with)."""
-    from indextts.codes import codebook_size_of
+def codebook_size(codes_index: str | Path) -> int:
+    """The codec's codebook size recorded in the codes index (what the codes were made with).
 
-    return int(codebook_size_of(codes_index, config))
+    Raises:
+        ValueError: the index is unreadable or records no codebook size.
+    """
+    import json
+
+    path = Path(codes_index)
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["codec"]["codebook_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read codec.codebook_size from the codes index ({e}); rerun index_codes") from e
 
 
 def check_codes(codes_index: Path, clean_path: Path, *, n_codes: int) -> dict[str, Any]:
@@ -218,6 +230,8 @@ def check_codes(codes_index: Path, clean_path: Path, *, n_codes: int) -> dict[st
     for p in paths:
         sh = read_shard_codes(p)
         n_q.add(sh.n_q)
+        if int(sh.codec.get("codebook_size", n_codes)) != n_codes:
+            problems.append(f"{p}: made with codebook size {sh.codec['codebook_size']}, the index says {n_codes}")
         rows += len(sh)
         unknown = [u for u in sh.meta["utt_id"] if u not in known]
         if unknown:
@@ -305,13 +319,14 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
         device=str(device),
         batch={"utterances": len(first), "text_ids": list(batch.text_ids.shape), "codes": list(batch.codes.shape),
                "cond_feats": list(batch.cond_feats.shape)},
-        loss=float(out.loss), text_loss=float(out.text_loss), mel_loss=float(out.mel_loss),
+        loss=float(out.loss.detach()), text_loss=float(out.text_loss.detach()), mel_loss=float(out.mel_loss.detach()),
         grad_norm=norm, params_without_grad=len(no_grad),
     )
+    model.zero_grad(set_to_none=True)  # the round trip needs the weights only
     state.update(model=model.cpu(), cfg=cfg)
     problems = []
-    if not math.isfinite(float(out.loss)):
-        problems.append(f"loss is {float(out.loss)}")
+    if not math.isfinite(numbers["loss"]):
+        problems.append(f"loss is {numbers['loss']}")
     if bad:
         problems.append(f"{len(bad)} parameters have non-finite gradients (first: {bad[0]})")
     if not math.isfinite(norm):
@@ -411,7 +426,7 @@ def validate_pipeline(
                                                     max_texts=vcfg.max_unk_texts, seed=vcfg.seed))
 
     def codes() -> dict[str, Any]:
-        state["n_codes"] = codebook_size(codes_index, config)
+        state["n_codes"] = codebook_size(codes_index)
         return check_codes(codes_index, clean_path, n_codes=state["n_codes"])
 
     run("codes", ("manifest",), codes)

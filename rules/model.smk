@@ -5,7 +5,7 @@ def get_pretrained(wildcards):
     """The official gpt.pth / bpe.model named in the pretrained section (those that are set), so
     replacing either file reruns the gate."""
     pre = config.get("pretrained", {}) or {}
-    return {k: pre[k] for k in ("gpt", "bpe") if pre.get(k)}
+    return {f"pretrained_{k}": pre[k] for k in ("gpt", "bpe") if pre.get(k)}
 
 
 rule validate_pipeline:
@@ -24,7 +24,8 @@ rule validate_pipeline:
     threads: 2
     resources:
         gpu=0 if config["validate"]["device"] == "cpu" else 1,
-        mem_mb=16000,
+        # the released size holds two 3.5 GB models and their gradients during the round trip
+        mem_mb=32000 if config["model"]["preset"] == "indextts2" else 4000,
     shell:
         "indextts validate --config {params.cfg:q} --clean {input.clean:q} --bpe {input.bpe:q}"
         " --codes-index {input.codes:q} --out {output.report:q} > {log:q} 2>&1"

@@ -97,8 +97,9 @@ def test_import_then_export_is_lossless(tmp_path: Path, wrapped: bool, extras: b
     for k in original:
         assert again[k].shape == original[k].shape and torch.equal(again[k], original[k]), k
     # Conv1D layout on disk: [in, out]
-    assert list(again["gpt.h.0.attn.c_attn.weight"].shape) == [32, 96]
-    assert list(again["gpt.h.0.mlp.c_proj.weight"].shape) == [128, 32]
+    d = source.cfg.model_dim
+    assert list(again["gpt.h.0.attn.c_attn.weight"].shape) == [d, 3 * d]
+    assert list(again["gpt.h.0.mlp.c_proj.weight"].shape) == [4 * d, d]
 
 
 def test_save_official_writes_a_plain_state_dict(tmp_path: Path) -> None:
@@ -123,23 +124,28 @@ def test_indextts2_export_has_exactly_the_official_keys_and_shapes() -> None:
 
 
 def test_shape_mismatches_are_reinitialised_with_a_reason(tmp_path: Path) -> None:
-    path = official_file(tmp_path, tiny(seed=1))
-    # other conditioning features (40 mels), another codec (130 codes), longer code table
-    target = tiny(seed=2, number_mel_codes=130, features={"n_mels": 40}, max_mel_tokens=300)
+    source = tiny(seed=1)
+    path = official_file(tmp_path, source)
+    n_pos = source.cfg.mel_positions
+    # other conditioning features (40 mels), another codec (130 codes), a longer code table
+    target = tiny(seed=2, number_mel_codes=130, features={"n_mels": 40}, max_mel_tokens=source.cfg.max_mel_tokens + 20)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     report = import_official(path, target)
     re = report.reinitialised
     assert "feature size" in re["conditioning_encoder.embed.out.0.weight"]
     assert "feature size" in re["emo_conditioning_encoder.embed.out.0.weight"]
-    assert "codec vocabulary" in re["mel_embedding.weight"] and "[66, 32] vs ours [130, 32]" in re["mel_embedding.weight"]
+    n_mel, d = source.cfg.number_mel_codes, source.cfg.model_dim
+    assert "codec vocabulary" in re["mel_embedding.weight"]
+    assert f"[{n_mel}, {d}] vs ours [130, {d}]" in re["mel_embedding.weight"]
     assert "codec vocabulary" in re["mel_head.bias"]
     for k in re:
         assert torch.equal(target.state_dict()[k], before[k]), f"{k} should keep its fresh initialisation"
     # the position table keeps the official rows it has room for
-    assert "first 259 positions" in report.transferred["mel_pos_embedding.emb.weight"]
+    assert f"first {n_pos} positions" in report.transferred["mel_pos_embedding.emb.weight"]
     src = load_official_state_dict(path)[0]
     mel_pos = target.state_dict()["mel_pos_embedding.emb.weight"]
-    assert torch.equal(mel_pos[:259], src["mel_pos_embedding.emb.weight"])
+    assert torch.equal(mel_pos[:n_pos], src["mel_pos_embedding.emb.weight"])
+    assert torch.equal(mel_pos[n_pos:], before["mel_pos_embedding.emb.weight"][n_pos:])
     # every key on both sides is accounted for exactly once
     ours = set(target.state_dict())
     assert set(report.loaded) | set(report.transferred) | set(re) == ours

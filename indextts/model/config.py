@@ -184,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "emo_output_size": 512, "emo_linear_units": 1024, "emo_attention_heads": 4, "emo_num_blocks": 4,
         "emo_perceiver_mult": 2, "emo_perceiver_dim": 1024, "dropout": 0.1,
     },
-    # A CPU benchmark size (~8M parameters with a 1k codebook and 2k text pieces).
+    # A CPU benchmark size: 800 code frames = 16 s at 50 frames/s.
     "small": {
         "model_dim": 256, "layers": 4, "heads": 4, "max_text_tokens": 200, "max_mel_tokens": 800,
         "number_text_tokens": 2000, "number_mel_codes": 1026, "start_mel_token": 1024, "stop_mel_token": 1025,
@@ -196,9 +196,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.1,
     },
     # Tests and the demo: builds and runs forward+backward in well under a second on a CPU.
+    # 400 code frames = 8 s at the demo codec's 50 frames/s (demo clips are 1-6 s).
     # No dropout, so a tiny batch overfits deterministically.
     "tiny": {
-        "model_dim": 32, "layers": 2, "heads": 2, "max_text_tokens": 64, "max_mel_tokens": 256,
+        "model_dim": 32, "layers": 2, "heads": 2, "max_text_tokens": 128, "max_mel_tokens": 400,
         "number_text_tokens": 256, "number_mel_codes": 66, "start_mel_token": 64, "stop_mel_token": 65,
         "cond_feat_dim": 32, "features": {"kind": "log_mel", "n_mels": 32},
         "condition_num_latent": 4, "cond_output_size": 32, "cond_linear_units": 64,
@@ -292,8 +293,9 @@ class ModelSection:
 
     # tiny runs the embedded demo on a CPU; indextts2 is the released model.
     preset: str = "tiny"
-    # ModelConfig fields to change from the preset (mapping; parsed into sorted (key, value) pairs).
-    overrides: dict[str, Any] = ()  # type: ignore[assignment]
+    # ModelConfig fields to change from the preset, e.g. {dropout: 0.0, features: {n_mels: 100}}
+    # (parsed from a config file into sorted (key, value) pairs; both forms are accepted).
+    overrides: dict[str, Any] = field(default_factory=dict)
     # IndexTTS's weighting: text prediction is auxiliary.
     text_loss_weight: float = 0.1
     mel_loss_weight: float = 1.0

@@ -220,7 +220,13 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor],
     if not path.is_file():
         raise TransferError(f"{path}: pretrained gpt file not found (config pretrained.gpt / --gpt)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # mmap: a 3.5 GB file is paged in while copying, not held twice in memory
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # pickle errors, zip errors, truncation: all mean "not a usable file"
         raise TransferError(
             f"{path}: cannot be read as a weights-only PyTorch state dict ({type(e).__name__}: "
@@ -678,24 +684,38 @@ def import_checkpoint(
 def cli_import_gpt(argv: list[str]) -> int:
     """``indextts import-gpt``: official gpt.pth -> our checkpoint folder + transfer report."""
     from indextts.checkpoint import CheckpointError
-    from indextts.config import load_config_arg
+    from indextts.config import ConfigError, get_section, load_config_arg
 
     p = argparse.ArgumentParser(prog="indextts import-gpt", description=cli_import_gpt.__doc__)
-    p.add_argument("--gpt", required=True, help="the official IndexTTS2 gpt.pth")
-    p.add_argument("--old-bpe", help="the official bpe.model (text rows then move by piece string)")
+    p.add_argument("--gpt", help="the official IndexTTS2 gpt.pth (default: pretrained.gpt)")
+    p.add_argument("--old-bpe", help="the official bpe.model, so text rows move by piece string (default: pretrained.bpe)")
     p.add_argument("--bpe", required=True, help="our bpe.model")
     p.add_argument("--config", required=True, help="config file or inline JSON with the model/text/codec sections")
-    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: from the codec section)")
+    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: --codes-index, else the codec section)")
+    p.add_argument("--codes-index", help="results/codes/index.json, to take the codebook size the codes were made with")
     p.add_argument("--out-dir", required=True, help="checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of what does not load")
     a = p.parse_args(argv)
     config = load_config_arg(a.config)
+    pre = get_section(PretrainedConfig, config, "pretrained")
+    gpt, old_bpe = a.gpt or pre.gpt, a.old_bpe or pre.bpe
+    if not gpt:
+        raise ConfigError("pretrained.gpt: no official gpt.pth given (use --gpt or set pretrained.gpt)")
     try:
-        size = a.codebook_size if a.codebook_size is not None else codebook_size_from_config(config)
+        if a.codebook_size is not None:
+            size = a.codebook_size
+        elif a.codes_index:
+            from indextts.validate import codebook_size
+
+            size = codebook_size(a.codes_index)
+        else:
+            size = codebook_size_from_config(config)
         out, report = import_checkpoint(
-            a.gpt, a.out_dir, config=config, bpe_path=a.bpe, codebook_size=size, old_bpe=a.old_bpe, seed=a.seed
+            gpt, a.out_dir, config=config, bpe_path=a.bpe, codebook_size=size, old_bpe=old_bpe, seed=a.seed
         )
-    except (TransferError, CheckpointError) as e:
+    except ConfigError:
+        raise  # the CLI reports config errors itself (exit 2)
+    except (TransferError, CheckpointError, ValueError) as e:  # ValueError: codec weights, index
         print(f"indextts import-gpt: {e}", file=sys.stderr)
         return 1
     print(report.summary())

@@ -293,6 +293,8 @@ class UnifiedVoice(nn.Module):
         if emo_vec is None:
             if emo_feats is None:
                 emo_feats, emo_lengths = cond_feats, cond_lengths
+            elif emo_lengths is None:
+                raise ValueError("generate_codes: emo_feats given without emo_lengths")
             emo_vec = self.get_emo_vec(emo_feats, emo_lengths)
         prefix = self.build_prefix(self.get_conditioning(cond_feats, cond_lengths), emo_vec)
         lengths = torch.full((B,), Lt, dtype=torch.long, device=dev)

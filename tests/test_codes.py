@@ -1,0 +1,355 @@
+"""indextts.codes: sharded, exact, reproducible DAC code extraction, its index and its reader."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from indextts.codec import CodecConfig, load_codec, make_demo_codec
+from indextts.codes import (
+    META_COLUMNS,
+    CodesConfig,
+    CodesIndexError,
+    AudioFault,
+    extract_codes,
+    index_codes,
+    plan_batches,
+    read_audio,
+    read_shard_codes,
+    shard_file_name,
+    shard_of,
+    shard_paths,
+    stable_hash,
+)
+from indextts.files import sha256_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DAC's old weight_norm API
+
+REPO = Path(__file__).resolve().parents[1]
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import dac
+
+
+# --------------------------------------------------------------------------------------------
+# Factories
+
+
+def write_wav(path: Path, seconds: float, sr: int, channels: int = 1, seed: int = 0, subtype: str = "PCM_16") -> Path:
+    """A sine sweep plus noise: different in every file, so codes differ too."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * sr))) / sr
+    f0 = rng.uniform(100, 400)
+    x = 0.3 * np.sin(2 * np.pi * f0 * t * (1 + t)) + 0.05 * rng.standard_normal(len(t))
+    data = np.stack([x * (0.5 + 0.5 * c) for c in range(channels)], axis=1).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data, sr, subtype=subtype)
+    return path
+
+
+def write_clean(root: Path, n: int = 14, seed: int = 0) -> Path:
+    """Short WAVs at several rates (some stereo) and ``clean.parquet`` in the foundation's layout."""
+    rng = np.random.default_rng(seed)
+    rates = [16000, 22050, 44100, 8000]
+    rows = []
+    for i in range(n):
+        sr = rates[i % len(rates)]
+        channels = 2 if i % 3 == 0 else 1
+        seconds = float(np.round(rng.uniform(0.3, 2.5), 3))
+        utt = f"utt{i:03d}"
+        path = write_wav(root / "wavs" / f"{utt}.wav", seconds, sr, channels, seed=seed * 1000 + i)
+        info = sf.info(path)
+        rows.append(
+            {
+                "utt_id": utt,
+                "audio_path": str(path.resolve()),
+                "text": f"text {i}",
+                "raw_text": f"Text {i}.",
+                "speaker": f"spk{i % 3}",
+                "language": "am",
+                "emotion": None if i % 4 == 0 else "happy",
+                "duration": info.frames / info.samplerate,
+                "sample_rate": info.samplerate,
+                "channels": info.channels,
+                "split": "val" if i % 5 == 0 else "train",
+            }
+        )
+    out = root / "clean" / "clean.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return make_demo_codec(tmp_path_factory.mktemp("codec") / "dac_tiny.pth")
+
+
+def _cfgs(weights: Path, **codes) -> tuple[CodecConfig, CodesConfig]:
+    base = {"n_shards": 2, "num_workers": 0, "batch_seconds_cpu": 6.0, "max_batch_size": 5}
+    return CodecConfig(weights=str(weights), device="cpu"), CodesConfig(**{**base, **codes})
+
+
+def _extract_all(codec_cfg, codes_cfg, manifest: Path, out: Path) -> tuple[list[Path], list[Path]]:
+    shards, rejects = [], []
+    for i in range(codes_cfg.n_shards):
+        name = shard_file_name(i, codes_cfg.n_shards)
+        s, r = extract_codes(codec_cfg, codes_cfg, manifest, i, out / name, out / "rejects" / name, progress=False)
+        shards.append(s)
+        rejects.append(r)
+    return shards, rejects
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding, batching, audio
+
+
+def test_shard_membership_is_a_stable_hash():
+    # Pinned: the same in every process, Python version and PYTHONHASHSEED.
+    assert stable_hash("utt000") == int.from_bytes(__import__("hashlib").blake2b(b"utt000", digest_size=8).digest(), "big")
+    ids = [f"u{i}" for i in range(400)]
+    counts = np.bincount([shard_of(u, 4) for u in ids], minlength=4)
+    assert counts.sum() == 400 and counts.min() > 60  # spread, every id in exactly one shard
+    code = "from indextts.codes import shard_of; print([shard_of(f'u{i}', 7) for i in range(50)])"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1
+    assert shard_file_name(3, 64) == "shard-00003-of-00064.parquet"
+
+
+def test_plan_batches_bounds_padded_seconds():
+    durs = [0.5, 0.6, 1.0, 1.1, 2.0, 3.9, 4.0]
+    assert plan_batches(durs, 0, 64) == [[i] for i in range(7)]  # the CPU policy: one at a time
+    plan = plan_batches(durs, 4.0, 3)
+    assert sorted(i for b in plan for i in b) == list(range(7))
+    for b in plan:
+        assert len(b) <= 3 and (len(b) == 1 or max(durs[i] for i in b) * len(b) <= 4.0)
+    assert plan == [[0, 1, 2], [3, 4], [5], [6]]
+
+
+def test_read_audio_downmixes_resamples_and_classifies_faults(tmp_path):
+    stereo = write_wav(tmp_path / "s.wav", 0.5, 22050, channels=2, subtype="FLOAT")
+    raw, _ = sf.read(stereo, dtype="float32")
+    mono = read_audio(str(stereo), 22050)
+    np.testing.assert_array_equal(mono, raw.mean(axis=1, dtype=np.float32))
+    down = read_audio(str(stereo), 16000)
+    assert down.dtype == np.float32 and len(down) == math.ceil(len(raw) * 16000 / 22050)
+    with pytest.raises(AudioFault) as e:
+        read_audio(str(tmp_path / "gone.wav"), 16000)
+    assert e.value.reason == "missing_file"
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wav")
+    with pytest.raises(AudioFault) as e:
+        read_audio(str(tmp_path / "junk.wav"), 16000)
+    assert e.value.reason == "unreadable"
+    nan = np.zeros((1000, 1), np.float32)
+    nan[10] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    with pytest.raises(AudioFault) as e:
+        read_audio(str(tmp_path / "nan.wav"), 16000)
+    assert e.value.reason == "non_finite"
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(AudioFault) as e:
+        read_audio(str(tmp_path / "empty.wav"), 16000)
+    assert e.value.reason == "unreadable"
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+
+
+def test_batched_shards_equal_dac_alone_and_read_back_zero_copy(tmp_path, weights):
+    manifest = write_clean(tmp_path)
+    codec_cfg, codes_cfg = _cfgs(weights, num_workers=2)
+    shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
+    ref = dac.DAC.load(str(weights)).eval()  # DAC's own loader and API as the reference
+    _, info = load_codec(weights)
+    clean = pq.read_table(manifest).to_pandas().set_index("utt_id")
+    seen = []
+    for i, path in enumerate(shards):
+        sc = read_shard_codes(path)
+        assert list(sc.meta.columns) == list(META_COLUMNS)
+        assert sc.n_q == 3 and sc.frame_rate == 50.0 and sc.codec["weights_sha256"] == sha256_file(weights)
+        assert list(sc.meta["utt_id"]) == sorted(sc.meta["utt_id"])
+        assert all(shard_of(u, 2) == i for u in sc.meta["utt_id"])
+        assert pq.read_table(rejects[i]).num_rows == 0
+        for j, utt in enumerate(sc.meta["utt_id"]):
+            codes = sc.codes(j)
+            assert codes.dtype == np.int16 and codes.shape == (3, sc.meta["n_frames"].iloc[j])
+            assert np.shares_memory(codes, sc._values) and not codes.flags.writeable  # a view, no copy
+            wave = torch.from_numpy(read_audio(clean.loc[utt, "audio_path"], info.sample_rate))
+            with torch.inference_mode():
+                _, alone, *_ = ref.encode(ref.preprocess(wave[None, None], info.sample_rate))
+            np.testing.assert_array_equal(codes, alone[0].numpy(), err_msg=utt)
+            assert sc.meta["text"].iloc[j] == clean.loc[utt, "text"]
+            seen.append(utt)
+        np.testing.assert_array_equal(sc.codes(-1), sc.codes(len(sc) - 1))
+        with pytest.raises(IndexError):
+            sc.codes(len(sc))
+    assert sorted(seen) == sorted(clean.index)  # every split, every row
+    # The plan really mixed lengths in batches (else this test proves nothing about padding).
+    durs = sorted(clean["duration"])
+    assert len(plan_batches(durs, codes_cfg.batch_seconds_cpu, codes_cfg.max_batch_size)) < len(durs)
+
+    index = index_codes(codes_cfg, manifest, shards, rejects, tmp_path / "codes" / "index.json")
+    data = json.loads(index.read_text())
+    assert shard_paths(index) == shards
+    assert data["totals"]["rows"] == len(clean) and data["totals"]["rejected"] == 0
+    assert data["totals"]["frames"] == sum(read_shard_codes(s).meta["n_frames"].sum() for s in shards)
+    assert math.isclose(data["totals"]["seconds"], clean["duration"].sum(), abs_tol=0.01)
+    assert math.isclose(data["totals"]["hours"], clean["duration"].sum() / 3600, abs_tol=1e-6)
+    assert [s["sha256"] for s in data["shards"]] == [sha256_file(s) for s in shards]
+    assert data["codec"]["frame_rate"] == 50.0 and data["frame_check"]["max_abs_diff_frames"] < 1.01
+
+
+def test_shard_bytes_do_not_depend_on_batching_or_workers(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=10, seed=1)
+    digests = []
+    for k, codes in enumerate([{"batch_seconds_cpu": 0.0}, {"batch_seconds_cpu": 20.0, "max_batch_size": 64, "num_workers": 2}]):
+        codec_cfg, codes_cfg = _cfgs(weights, n_shards=1, **codes)
+        (s,), (r,) = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / f"run{k}")
+        digests.append((sha256_file(s), sha256_file(r)))
+    assert digests[0] == digests[1]
+
+
+def test_vanished_unreadable_and_nan_audio_are_rejected_and_reported(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=12, seed=2)
+    clean = pq.read_table(manifest).to_pandas().set_index("utt_id")
+    os.remove(clean.loc["utt001", "audio_path"])  # vanished after cleaning
+    Path(clean.loc["utt002", "audio_path"]).write_bytes(b"RIFF\x00\x00garbage")  # became unreadable
+    bad = np.full((800, 1), np.inf, np.float32)
+    sf.write(clean.loc["utt003", "audio_path"], bad, 16000, subtype="FLOAT")  # inf samples
+    codec_cfg, codes_cfg = _cfgs(weights)
+    shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
+    rej = pa.concat_tables([pq.read_table(r) for r in rejects]).to_pandas().set_index("utt_id")
+    assert dict(rej["reason"]) == {"utt001": "missing_file", "utt002": "unreadable", "utt003": "non_finite"}
+    assert rej.loc["utt001", "audio_path"] == clean.loc["utt001", "audio_path"]
+    kept = sorted(u for s in shards for u in read_shard_codes(s).meta["utt_id"])
+    assert kept == sorted(set(clean.index) - {"utt001", "utt002", "utt003"})  # the shards completed
+    data = json.loads(index_codes(codes_cfg, manifest, shards, rejects, tmp_path / "index.json").read_text())
+    assert data["totals"]["rejected"] == 3
+    assert data["totals"]["rejects_by_reason"] == {"missing_file": 1, "unreadable": 1, "non_finite": 1}
+    assert {r["utt_id"]: r["reason"] for r in data["rejects"]} == dict(rej["reason"])
+    assert sum(s["rejected"] for s in data["shards"]) == 3
+
+
+def test_index_fails_when_frames_disagree_with_duration(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=6, seed=3)
+    clean = pq.read_table(manifest).to_pandas().set_index("utt_id")
+    # The file was replaced by a longer one after cleaning: the manifest's duration is stale.
+    write_wav(Path(clean.loc["utt004", "audio_path"]), clean.loc["utt004", "duration"] + 0.2, int(clean.loc["utt004", "sample_rate"]))
+    codec_cfg, codes_cfg = _cfgs(weights)
+    shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
+    with pytest.raises(CodesIndexError, match=r"utt004 \(shard-0000\d-of-00002.parquet\): \d+ frames, expected"):
+        index_codes(codes_cfg, manifest, shards, rejects, tmp_path / "index.json")
+    assert not (tmp_path / "index.json").exists()
+    # A looser tolerance accepts it (0.2 s = 10 frames at 50 frames/s, plus rounding).
+    loose = dataclasses.replace(codes_cfg, frame_tolerance=11.5)
+    index_codes(loose, manifest, shards, rejects, tmp_path / "index.json")
+
+
+def test_index_fails_when_shards_miss_manifest_rows(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=6, seed=4)
+    codec_cfg, codes_cfg = _cfgs(weights)
+    shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
+    more = write_clean(tmp_path / "bigger", n=8, seed=4)  # utt006, utt007 were never encoded
+    with pytest.raises(CodesIndexError, match=r"2 utterances missing \(e\.g\. \['utt006', 'utt007'\]\)"):
+        index_codes(codes_cfg, more, shards, rejects, tmp_path / "index.json")
+    with pytest.raises(CodesIndexError, match="expected shards 0..2"):
+        index_codes(dataclasses.replace(codes_cfg, n_shards=3), manifest, shards, rejects, tmp_path / "i.json")
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import sys, time
+    from indextts.codec import CodecConfig
+    from indextts.codes import CodesConfig, extract_codes
+
+    def after_batch(k):
+        print("BATCH", k, flush=True)
+        time.sleep(60)  # mid-shard: killed here
+
+    weights, manifest, out, rej = sys.argv[1:5]
+    extract_codes(CodecConfig(weights=weights, device="cpu"),
+                  CodesConfig(n_shards=1, num_workers=2, batch_seconds_cpu=3.0, max_batch_size=4),
+                  manifest, 0, out, rej, progress=False, on_batch=after_batch)
+    """
+)
+
+
+def test_killed_mid_shard_reruns_to_the_same_bytes(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=10, seed=5)
+    out, rej = tmp_path / "codes" / "shard-00000-of-00001.parquet", tmp_path / "codes" / "rejects" / "r.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, str(weights), str(manifest), str(out), str(rej)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("BATCH")  # one batch encoded, more to come
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and its DataLoader workers, no cleanup
+    finally:
+        proc.wait(timeout=30)
+    assert not out.exists() and not rej.exists()  # nothing half-written under the real names
+    codec_cfg, codes_cfg = _cfgs(weights, n_shards=1, num_workers=2, batch_seconds_cpu=3.0, max_batch_size=4)
+    extract_codes(codec_cfg, codes_cfg, manifest, 0, out, rej, progress=False)
+    rerun = sha256_file(out)
+    extract_codes(codec_cfg, codes_cfg, manifest, 0, tmp_path / "ref.parquet", tmp_path / "ref_rej.parquet", progress=False)
+    assert rerun == sha256_file(tmp_path / "ref.parquet")
+    assert sha256_file(rej) == sha256_file(tmp_path / "ref_rej.parquet")
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_cli_extract_and_index(tmp_path, weights):
+    from indextts.cli import main
+
+    manifest = write_clean(tmp_path, n=5, seed=6)
+    cfg = json.dumps({"codec": {"weights": str(weights), "device": "cpu"}, "codes": {"n_shards": 1, "num_workers": 0}})
+    shard, rej = tmp_path / "s.parquet", tmp_path / "r.parquet"
+    argv = ["--config", cfg, "--manifest", str(manifest), "--output", str(shard), "--rejects", str(rej)]
+    assert main(["extract-codes", *argv, "--shard", "00000", "--threads", "1", "--no-progress"]) == 0
+    assert len(read_shard_codes(shard)) == 5
+    assert main(["extract-codes", *argv, "--shard", "1"]) == 2  # outside 0..0: a config error
+    index_argv = ["--config", cfg, "--manifest", str(manifest), "--shards", str(shard), "--rejects", str(rej)]
+    assert main(["index-codes", *index_argv, "--output", str(tmp_path / "index.json")]) == 0
+    bad = json.dumps({"codes": {"n_shards": 1, "frame_tolerance": 0.0}})  # every row off by a fraction
+    assert main(["index-codes", "--config", bad, *index_argv[2:], "--output", str(tmp_path / "i2.json")]) == 1
+
+
+def test_config_defaults_match_the_schema():
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]
+    for cls, name in ((CodecConfig, "codec"), (CodesConfig, "codes")):
+        props = schema[name]["properties"]
+        assert schema[name]["additionalProperties"] is False
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(props) == set(fields), name
+        for key, f in fields.items():
+            assert props[key].get("description"), f"{name}.{key} has no description"
+            if f.default is dataclasses.MISSING:
+                assert key in schema[name].get("required", []) and "default" not in props[key]
+            else:
+                assert props[key]["default"] == f.default, f"{name}.{key}"
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert cfg["codec"]["weights"] == "results/demo/codec/dac_tiny.pth"
