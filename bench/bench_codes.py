@@ -155,7 +155,7 @@ def per_file_loop(weights: Path, manifest: Path, out_dir: Path, device: str) -> 
 
 
 def ours(weights: Path, manifest: Path, out_dir: Path, device: str, threads: int, workers: int | None) -> float:
-    codes_cfg = CodesConfig(n_shards=1, **({} if workers is None else {"num_workers": workers}))
+    codes_cfg = CodesConfig(n_shards=1, **({} if workers is None else {"num_workers_cpu": workers, "num_workers_cuda": workers}))
     start = time.perf_counter()
     extract_codes(
         CodecConfig(weights=str(weights), device=device),
@@ -355,7 +355,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-utts", type=int, default=8000, help="utterances for the reading benchmark (default 8000)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="extract_codes threads (the rule's threads)")
-    p.add_argument("--workers", type=int, default=None, help="override codes.num_workers")
+    p.add_argument("--workers", type=int, default=None, help="override codes.num_workers_cpu and num_workers_cuda")
     p.add_argument("--only", choices=["extract", "read"], default=None)
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args()

@@ -74,7 +74,7 @@ def main() -> None:
     report = import_official(work / "gpt.pth", target)
     step(f"import_official ({len(report.loaded)} loaded, {len(report.reinitialised)} re-initialised)", t)
     t = time.perf_counter()
-    original, _ = load_official_state_dict(work / "gpt.pth")
+    original = load_official_state_dict(work / "gpt.pth").state
     again = export_official(target)
     same = list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
     step(f"export_official + compare with the file: {'identical' if same else 'DIFFERENT'}", t)

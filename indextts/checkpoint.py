@@ -88,6 +88,20 @@ def vocab_info(vocab_path: str | Path) -> dict[str, Any]:
     }
 
 
+def section_record(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Config section ``name`` as stored in ``model.json``: parsed (so defaults are filled in and
+    a bad value fails now, not at inference) and turned back into plain JSON; ``{}`` if absent."""
+    from indextts.config import get_section, section_class
+
+    raw = config.get(name)
+    if not raw:
+        return {}
+    parsed = get_section(section_class(name), config, name)
+    # Values as written where given (a mapping stays a mapping), the parsed defaults elsewhere.
+    return {f.name: raw[f.name] if f.name in raw else section_dict(getattr(parsed, f.name))
+            for f in dataclasses.fields(parsed)}
+
+
 def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Split a state dict into unique tensors and ``{alias: kept name}``.
 

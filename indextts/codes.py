@@ -71,14 +71,22 @@ class CodesConfig:
     batch_seconds_cuda: float = 200.0
     # Most utterances in one batch, whatever their length.
     max_batch_size: int = 64
-    # DataLoader worker processes that read, downmix and resample audio while the model encodes.
-    num_workers: int = 4
+    # DataLoader worker processes that read, downmix and resample audio while a GPU encodes.
+    num_workers_cuda: int = 4
+    # The same on a CPU, where each worker takes one of the job's threads from the encoder. 0:
+    # read in the encoding process. On a CPU the encoder needs every core (reading is ~1% of
+    # full-size DAC's cost), and a worker that preempts one of torch's intra-op threads stalls
+    # them all at the barrier after each op: on 2 cores workers made extraction up to 2x slower.
+    num_workers_cpu: int = 0
     # index_codes fails when a row's n_frames differs from duration x frame_rate by more than
     # this many frames. DAC's right padding and resampling's rounding add up to just under 1.
     frame_tolerance: float = 2.0
 
     def batch_seconds(self, device_type: str) -> float:
         return self.batch_seconds_cuda if device_type == "cuda" else self.batch_seconds_cpu
+
+    def num_workers(self, device_type: str) -> int:
+        return self.num_workers_cuda if device_type == "cuda" else self.num_workers_cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def read_audio(path: str, sample_rate: int, resamplers: dict | None = None) -> n
 
 class _ShardAudio:
     """A map-style dataset whose items are whole planned batches: read, mono, resampled and
-    zero-padded into one ``(B, 1, T)`` tensor in the worker, so the main process only encodes."""
+    zero-padded into one ``(B, T)`` float32 array in the worker, so the main process only encodes."""
 
     def __init__(self, paths: Sequence[str], batches: list[list[int]], sample_rate: int):
         self.paths = list(paths)
@@ -193,8 +201,6 @@ class _ShardAudio:
         return len(self.batches)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        import torch
-
         rows, waves, rejects = [], [], []
         for r in self.batches[k]:
             try:
@@ -204,23 +210,23 @@ class _ShardAudio:
                 rejects.append((r, e.reason, e.detail))
         audio = None
         if waves:
-            audio = torch.zeros(len(waves), 1, max(len(w) for w in waves))
+            # numpy, not torch: a tensor would travel to the main process through a shared-memory
+            # file per item, which costs more than pickling these few hundred KiB.
+            audio = np.zeros((len(waves), max(len(w) for w in waves)), dtype=np.float32)
             for i, w in enumerate(waves):
-                audio[i, 0, : len(w)] = torch.from_numpy(w)
+                audio[i, : len(w)] = w
         return {"batch": k, "rows": rows, "lengths": [len(w) for w in waves], "audio": audio, "rejects": rejects}
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
 
 
 def _worker_init(_: int) -> None:
     import torch
 
-    # Workers resample with torch: one thread each, and a lower priority, because the cores
-    # belong to the encoder. Its intra-op threads meet at a barrier after every op, so a worker
-    # that preempts one of them stalls them all; at nice 10 a worker mostly runs in the gaps.
+    # Workers resample with torch: one thread each, the cores belong to the encoder.
     torch.set_num_threads(1)
-    try:
-        os.nice(10)
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +338,8 @@ def extract_codes(
         shard: which shard, ``0 <= shard < codes_cfg.n_shards``.
         output: the shard Parquet file to write.
         rejects: the rejects Parquet file to write (possibly empty).
-        threads: CPU threads for torch in this process (None: torch's default).
+        threads: the CPU threads the job may use (the rule's ``threads``): on a CPU, torch gets
+            those the workers do not take (None: torch's default).
         progress: show a progress bar (audio seconds per wall second) on stderr.
         on_batch: called as ``on_batch(batch_number)`` after each encoded batch (for tests).
 
@@ -353,9 +360,12 @@ def extract_codes(
     output, rejects, manifest = Path(output), Path(rejects), Path(manifest)
     _remove_stale_temporaries(output)
     _remove_stale_temporaries(rejects)
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(codec_cfg.device)
+    workers = codes_cfg.num_workers(device.type)
+    if threads:
+        # On a CPU the workers' cores come out of the job's threads; on a GPU the encoder
+        # hardly uses the CPU and the workers run beside it.
+        torch.set_num_threads(max(1, int(threads) - (workers if device.type == "cpu" else 0)))
     model, info = load_codec(codec_cfg.weights, device, codec_cfg.n_quantizers)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # an algorithm picked by timing may differ per run
@@ -371,14 +381,14 @@ def extract_codes(
     batches = [[order[p] for p in b] for b in plan]
 
     dataset = _ShardAudio(paths, batches, info.sample_rate)
-    workers = min(codes_cfg.num_workers, len(batches))
+    workers = min(workers, len(batches))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
         shuffle=False,
         num_workers=workers,
+        collate_fn=_as_is,
         worker_init_fn=_worker_init if workers else None,
-        pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
 
@@ -399,7 +409,9 @@ def extract_codes(
     )
     for item in loader:
         if item["audio"] is not None:
-            audio = item["audio"].to(device, non_blocking=True)
+            audio = torch.from_numpy(item["audio"])[:, None, :]  # (B, 1, T)
+            if device.type == "cuda":
+                audio = audio.pin_memory().to(device, non_blocking=True)
             encoded = encode_batch(model, audio, item["lengths"], codec_cfg.n_quantizers)
             for r, c in zip(item["rows"], encoded):
                 codes[r] = c.to(torch.int16).cpu().numpy()
@@ -675,7 +687,7 @@ def cli_extract_codes(argv: list[str]) -> int:
     p.add_argument("--shard", required=True, type=int, help="shard index, 0 <= shard < codes.n_shards")
     p.add_argument("--output", required=True, help="the shard Parquet file to write")
     p.add_argument("--rejects", required=True, help="the rejects Parquet file to write")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the rule's threads)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the job (the rule's threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     codec_cfg, codes_cfg = _sections(args.config)

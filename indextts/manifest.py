@@ -17,11 +17,12 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -134,96 +135,125 @@ def _manifest_format(path: Path) -> str:
     raise ManifestError(f"{path}: unknown manifest format; use .jsonl, .csv, .tsv or .parquet")
 
 
-# Parse unit for JSONL: big enough that Arrow's threaded parser has work for every core, small
-# enough that a bad line costs little (see _parse_span).
-_JSON_BLOCK_BYTES = 32 << 20
+# JSONL is parsed in blocks of about this many bytes, several blocks at once in a thread pool
+# (Arrow's parser releases the GIL). Small blocks keep the cost of a bad line low: only its
+# block is parsed again, in halves (see _parse_lines).
+_JSON_BLOCK_BYTES = 2 << 20
 # Spans with at most this many lines are parsed line by line once Arrow has rejected them.
 _JSON_SLOW_LINES = 64
-# A line that is only ASCII whitespace is not a row. These are the byte pairs that can start one
-# after a newline; a block holding none of them has no blank line (cheap substring searches).
-_BLANK_STARTS = (b"\n\n", b"\n\r", b"\n ", b"\n\t", b"\n\x0b", b"\n\x0c")
+# A newline followed by a line of nothing but ASCII whitespace: a blank line, which is not a row
+# (the empty string after a final newline is no line at all).
+_BLANK_LINE = re.compile(rb"\n(?:[ \t\r\x0b\x0c]*\n|[ \t\r\x0b\x0c]+\Z)")
 
 
 def _jsonl_schema(mapping: dict[str, str]) -> pa.Schema:
     return pa.schema([(mapping[c], pa.float64() if c == "duration" else pa.string()) for c in CANONICAL if mapping[c]])
 
 
-def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dict]]:
-    """Parse a JSONL manifest with Arrow, block by block.
-
-    A block that Arrow rejects (a malformed line, a number where a string was expected) is split
-    in halves until the bad line is isolated in a span of at most ``_JSON_SLOW_LINES`` lines, which
-    is parsed line by line: one bad line costs a few re-parses, not a slow pass over the file, and
-    it lands in the rejects instead of failing the whole file. Row numbers are physical 1-based
-    line numbers; blank lines are not rows.
-    """
-    schema = _jsonl_schema(mapping)
-    parse_opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
-    tables: list[pa.Table] = []
-    malformed: list[dict] = []
+def _jsonl_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
+    """Yield (whole lines, number of lines before them) in blocks of ~``_JSON_BLOCK_BYTES``."""
     lines_before = 0
     carry = b""
     with open(path, "rb") as f:
         while True:
             chunk = f.read(_JSON_BLOCK_BYTES)
             data = carry + chunk if carry else chunk
-            if not data:
-                break
-            if chunk:  # keep the unfinished last line for the next block
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
-                    continue
-                data, carry = data[:cut], data[cut:]
-            else:
-                carry = b""
-            _parse_span(data, 0, len(data), lines_before, schema, parse_opts, tables, malformed)
-            lines_before += data.count(b"\n")
             if not chunk:
-                break
+                if data:
+                    yield data, lines_before
+                return
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: keep reading
+                carry = data
+                continue
+            if cut == len(data):
+                block, carry = data, b""
+            else:
+                block, carry = data[:cut], data[cut:]
+            yield block, lines_before
+            lines_before += block.count(b"\n")
+
+
+def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dict]]:
+    """Parse a JSONL manifest with Arrow, block by block, blocks in parallel.
+
+    A block that Arrow rejects (a malformed line, a number where a string was expected) is split
+    in halves until the bad line is isolated in a span of at most ``_JSON_SLOW_LINES`` lines, which
+    is parsed line by line with ``json.loads``: one bad line costs about one extra parse of its
+    block, and it lands in the rejects instead of failing the whole file. Row numbers are physical
+    1-based line numbers; blank lines are not rows.
+    """
+    schema = _jsonl_schema(mapping)
+    parse_opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
+    read_opts = pajson.ReadOptions(use_threads=False, block_size=4 * _JSON_BLOCK_BYTES)
+    workers = _workers()
+    results: list[cf.Future] = []
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        window: list[cf.Future] = []
+        for data, lines_before in _jsonl_blocks(path):
+            fut = pool.submit(_parse_block, data, lines_before, schema, parse_opts, read_opts)
+            results.append(fut)
+            window.append(fut)
+            if len(window) > 4 * workers:  # bound the bytes held in memory while parsing
+                window.pop(0).result()
+    tables: list[pa.Table] = []
+    malformed: list[dict] = []
+    for fut in results:
+        t, bad = fut.result()
+        tables += t
+        malformed += bad
     if not tables:
         return _empty_rows(schema), malformed
     return pa.concat_tables(tables), malformed
 
 
-def _row_numbers(data: bytes, lo: int, hi: int, lines_before: int) -> np.ndarray:
-    """1-based line numbers of the non-blank lines in ``data[lo:hi]`` (whole lines)."""
-    first = data[lo : lo + 1]
-    if not first.isspace() and not any(data.find(b, lo, hi) >= 0 for b in _BLANK_STARTS):
-        n = data.count(b"\n", lo, hi) + (0 if data.endswith(b"\n", lo, hi) else 1)
-        return np.arange(lines_before + 1, lines_before + n + 1, dtype=np.int64)
-    buf = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo)
+def _parse_block(data: bytes, lines_before: int, schema: pa.Schema, parse_opts, read_opts) -> tuple[list[pa.Table], list[dict]]:
+    tables: list[pa.Table] = []
+    malformed: list[dict] = []
+    has_blank = data[: data.find(b"\n") + 1 or len(data)].isspace() or _BLANK_LINE.search(data) is not None
+    if not has_blank:
+        n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        table = _try_parse(data, 0, len(data), parse_opts, read_opts)
+        if table is not None and table.num_rows == n_lines:
+            rows = np.arange(lines_before + 1, lines_before + n_lines + 1, dtype=np.int64)
+            return [table.append_column("row", pa.array(rows))], malformed
+    # Blank lines or a bad line: index the lines of this block and work on line ranges.
+    buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
     starts = np.concatenate(([0], nl + 1))
-    ends = np.concatenate((nl, [hi - lo]))
-    short = np.flatnonzero(ends - starts <= 8)  # only short lines can be blank; check those
+    ends = np.concatenate((nl, [len(data)]))
     blank = np.zeros(len(starts), dtype=bool)
-    for i in short:
-        blank[i] = not data[lo + starts[i] : lo + ends[i]].strip()
-    return np.flatnonzero(~blank).astype(np.int64) + lines_before + 1
+    for i in np.flatnonzero(ends - starts <= 8):  # only short lines can be blank; check those
+        blank[i] = not data[starts[i] : ends[i]].strip()
+    _parse_lines(data, starts, ends, blank, 0, len(starts), lines_before, schema, parse_opts, read_opts, tables, malformed)
+    return tables, malformed
 
 
-def _parse_span(data: bytes, lo: int, hi: int, lines_before: int, schema: pa.Schema, parse_opts, tables: list, malformed: list) -> None:
-    rows = _row_numbers(data, lo, hi, lines_before)
+def _try_parse(data: bytes, lo: int, hi: int, parse_opts, read_opts) -> pa.Table | None:
+    try:
+        return pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), read_options=read_opts, parse_options=parse_opts)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
+def _parse_lines(data, starts, ends, blank, a, b, lines_before, schema, parse_opts, read_opts, tables, malformed) -> None:
+    """Parse lines ``[a, b)`` of a block, bisecting around lines Arrow rejects."""
+    rows = np.flatnonzero(~blank[a:b]) + a
     if not len(rows):
         return
-    try:
-        table = pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), parse_options=parse_opts)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        table = None
+    lo, hi = int(starts[a]), int(ends[b - 1])
+    table = _try_parse(data, lo, hi, parse_opts, read_opts)
     if table is not None and table.num_rows == len(rows):
-        tables.append(table.append_column("row", pa.array(rows)))
+        tables.append(table.append_column("row", pa.array(rows.astype(np.int64) + lines_before + 1)))
         return
     if len(rows) <= _JSON_SLOW_LINES:
-        table, bad = _parse_lines_slowly(data[lo:hi], lines_before, schema)
+        table, bad = _parse_lines_slowly(data[lo:hi], lines_before + a, schema)
         tables.append(table)
         malformed += bad
         return
-    mid = data.find(b"\n", (lo + hi) // 2, hi) + 1
-    if mid <= lo or mid >= hi:  # the middle falls in the last line: split before it instead
-        mid = data.rfind(b"\n", lo, (lo + hi) // 2) + 1
-    _parse_span(data, lo, mid, lines_before, schema, parse_opts, tables, malformed)
-    _parse_span(data, mid, hi, lines_before + data.count(b"\n", lo, mid), schema, parse_opts, tables, malformed)
+    mid = (a + b) // 2
+    _parse_lines(data, starts, ends, blank, a, mid, lines_before, schema, parse_opts, read_opts, tables, malformed)
+    _parse_lines(data, starts, ends, blank, mid, b, lines_before, schema, parse_opts, read_opts, tables, malformed)
 
 
 def _parse_lines_slowly(data: bytes, lines_before: int, schema: pa.Schema) -> tuple[pa.Table, list[dict]]:
@@ -431,51 +461,79 @@ _V4 = np.uint64(-0x9E3779B185EBCA87 % 2**64)
 _LOW32 = np.uint64(0xFFFFFFFF)
 
 
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+def _rotl_(x: np.ndarray, r: int, tmp: np.ndarray) -> np.ndarray:
+    """Rotate ``x`` left by ``r`` bits in place (``tmp``: scratch of the same shape)."""
+    np.right_shift(x, np.uint64(64 - r), out=tmp)
+    np.left_shift(x, np.uint64(r), out=x)
+    np.bitwise_or(x, tmp, out=x)
+    return x
 
 
-def _xxh_round(acc, lane: np.ndarray) -> np.ndarray:
-    return _rotl(acc + lane * _P2, 31) * _P1
+def _xxh_round_(acc: np.ndarray, lane: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """``acc = rotl(acc + lane * P2, 31) * P1``, in place."""
+    np.multiply(lane, _P2, out=tmp)
+    acc += tmp
+    _rotl_(acc, 31, tmp)
+    acc *= _P1
+    return acc
 
 
 def _xxh64_fixed(block: np.ndarray, length: int) -> np.ndarray:
     """XXH64 (seed 0) of every row of ``block``: (m, length rounded up to 8) uint8, the bytes past
-    ``length`` zero. One length per call, so the spec's branches become plain column arithmetic."""
+    ``length`` zero. One length per call, so the spec's branches become plain column arithmetic,
+    done in place on a few (m,) arrays."""
     lanes = block.view("<u8")
+    m = block.shape[0]
+    tmp, k = np.empty(m, np.uint64), np.empty(m, np.uint64)
     i = 0
     if length >= 32:
-        m = block.shape[0]
-        v1, v2 = np.full(m, _V1), np.full(m, _P2)
-        v3, v4 = np.zeros(m, np.uint64), np.full(m, _V4)
+        v = [np.full(m, _V1), np.full(m, _P2), np.zeros(m, np.uint64), np.full(m, _V4)]
         for _ in range(length // 32):
-            v1 = _xxh_round(v1, lanes[:, i])
-            v2 = _xxh_round(v2, lanes[:, i + 1])
-            v3 = _xxh_round(v3, lanes[:, i + 2])
-            v4 = _xxh_round(v4, lanes[:, i + 3])
+            for j in range(4):
+                _xxh_round_(v[j], lanes[:, i + j], tmp)
             i += 4
-        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
-        for v in (v1, v2, v3, v4):
-            h = (h ^ _xxh_round(np.uint64(0), v)) * _P1 + _P4
+        h = np.zeros(m, np.uint64)
+        for j, r in enumerate((1, 7, 12, 18)):
+            k[:] = v[j]
+            h += _rotl_(k, r, tmp)
+        for j in range(4):
+            k[:] = 0
+            h ^= _xxh_round_(k, v[j], tmp)
+            h *= _P1
+            h += _P4
     else:
-        h = np.full(block.shape[0], _P5)
+        h = np.full(m, _P5)
     h += np.uint64(length)
     rem = length - 8 * i
     while rem >= 8:
-        h = _rotl(h ^ _xxh_round(np.uint64(0), lanes[:, i]), 27) * _P1 + _P4
+        k[:] = 0
+        h ^= _xxh_round_(k, lanes[:, i], tmp)
+        _rotl_(h, 27, tmp)
+        h *= _P1
+        h += _P4
         i, rem = i + 1, rem - 8
     b = 8 * i
     if rem >= 4:
-        h = _rotl(h ^ ((lanes[:, i] & _LOW32) * _P1), 23) * _P2 + _P3
+        np.bitwise_and(lanes[:, i], _LOW32, out=k)
+        k *= _P1
+        h ^= k
+        _rotl_(h, 23, tmp)
+        h *= _P2
+        h += _P3
         b, rem = b + 4, rem - 4
     for _ in range(rem):
-        h = _rotl(h ^ (block[:, b].astype(np.uint64) * _P5), 11) * _P1
+        k[:] = block[:, b]
+        k *= _P5
+        h ^= k
+        _rotl_(h, 11, tmp)
+        h *= _P1
         b += 1
-    h ^= h >> np.uint64(33)
-    h *= _P2
-    h ^= h >> np.uint64(29)
-    h *= _P3
-    h ^= h >> np.uint64(32)
+    for shift, prime in ((33, _P2), (29, _P3)):
+        np.right_shift(h, np.uint64(shift), out=tmp)
+        h ^= tmp
+        h *= prime
+    np.right_shift(h, np.uint64(32), out=tmp)
+    h ^= tmp
     return h
 
 
@@ -486,7 +544,9 @@ def _as_string_array(keys: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Arr
         keys = pa.array(list(keys), type=pa.string())
     if keys.null_count:
         raise ValueError("stable_hash64: keys must not be null")
-    return keys.cast(pa.large_string()) if keys.type != pa.large_string() else keys
+    if keys.type not in (pa.string(), pa.large_string()):
+        keys = keys.cast(pa.string())
+    return keys
 
 
 def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
@@ -506,10 +566,11 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
     """
     arr = _as_string_array(keys)
     if salt:
-        arr = pc.binary_join_element_wise(pa.scalar(salt, pa.large_string()), arr, "")
+        arr = pc.binary_join_element_wise(pa.scalar(salt, arr.type), arr, pa.scalar("", arr.type))
     n = len(arr)
     _, off_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(off_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    off_type = np.int64 if arr.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(off_buf, dtype=off_type, count=n + 1, offset=arr.offset * np.dtype(off_type).itemsize).astype(np.int64)
     base, end = int(offsets[0]), int(offsets[-1])
     lengths = np.diff(offsets)
     width = max(8, -(-int(lengths.max(initial=0)) // 8) * 8)
@@ -548,30 +609,30 @@ def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str 
     return (stable_hash64(keys, salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def _first_occurrences(keys: pa.Array | pa.ChunkedArray, hashes: np.ndarray) -> np.ndarray:
-    """True where ``keys[i]`` equals no earlier key. Exact: keys are grouped by their 64-bit
-    hash, and a key whose hash was seen before is compared with that earlier key's string, so a
-    hash collision never makes two different keys duplicates."""
+def _first_occurrences(keys: pa.Array, hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each of ``rows`` (ascending indices into ``keys``), True when its key equals the key of
+    no earlier row in ``rows``. ``hashes``: :func:`stable_hash64` of ``keys``. Exact: a row whose
+    hash was seen before is compared with that earlier row's string, so a 64-bit hash collision
+    never makes two different keys duplicates."""
     import pandas as pd
 
-    n = len(hashes)
+    n = len(rows)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    codes, _ = pd.factorize(hashes)  # codes numbered in order of first appearance (documented)
+    codes, _ = pd.factorize(hashes[rows])  # codes numbered in order of first appearance (documented)
     top = np.maximum.accumulate(codes)
     first = np.empty(n, dtype=bool)
     first[0] = True
     first[1:] = top[1:] > top[:-1]
     later = np.flatnonzero(~first)
     if len(later):
-        first_pos = np.flatnonzero(first)
-        earlier = first_pos[codes[later]]
-        same = pc.equal(keys.take(pa.array(later)), keys.take(pa.array(earlier))).to_numpy(zero_copy_only=False)
+        earlier = np.flatnonzero(first)[codes[later]]
+        same = pc.equal(keys.take(pa.array(rows[later])), keys.take(pa.array(rows[earlier]))).to_numpy(zero_copy_only=False)
         if not same.all():  # a true 64-bit collision: settle those hash groups string by string
             groups = np.unique(codes[later[~same]])
-            rows = np.flatnonzero(np.isin(codes, groups))
+            where = np.flatnonzero(np.isin(codes, groups))
             seen: set[str] = set()
-            for i, k in zip(rows.tolist(), keys.take(pa.array(rows)).to_pylist()):
+            for i, k in zip(where.tolist(), keys.take(pa.array(rows[where])).to_pylist()):
                 first[i] = k not in seen
                 seen.add(k)
     return first
@@ -594,12 +655,11 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
-    """Mojibake flags, normalised text and its length without spaces, computed on slices in a
-    thread pool: Arrow's string kernels release the GIL but each runs on one core."""
+def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig, pool: cf.Executor | None = None) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
+    """Mojibake flags, normalised text and its length without spaces, computed on slices in
+    ``pool``: Arrow's string kernels release the GIL, but each call runs on one core."""
     n = len(raw_text)
-    workers = _workers()
-    n_slices = 1 if n < 50_000 or workers == 1 else 4 * workers
+    n_slices = 1 if n < 50_000 or pool is None else 4 * _workers()
     bounds = np.linspace(0, n, n_slices + 1).astype(np.int64).tolist()
 
     def work(a: int, b: int) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -608,11 +668,7 @@ def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig) -> tuple[np.ndarra
         n_chars = pc.subtract(pc.utf8_length(text), pc.count_substring(text, " "))
         return has_bad_encoding(piece), text, n_chars
 
-    if n_slices == 1:
-        parts = [work(0, n)]
-    else:
-        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = list(pool.map(work, bounds[:-1], bounds[1:]))
+    parts = [work(0, n)] if n_slices == 1 else list(pool.map(work, bounds[:-1], bounds[1:]))
 
     def flat(i: int) -> pa.ChunkedArray:
         chunks = [c for p in parts for c in (p[i].chunks if isinstance(p[i], pa.ChunkedArray) else [p[i]])]
@@ -688,6 +744,7 @@ def clean_manifest(
     audio_path = pa.chunked_array(paths_parts, type=pa.string())
     n = rows.num_rows
     rej = _Rejects(n)
+    id_hash = None
 
     def blank(col: pa.ChunkedArray) -> np.ndarray:
         """Null, empty or only whitespace."""
@@ -698,37 +755,35 @@ def clean_manifest(
         mask = blank(rows.column(c)) if c != "text" else pc.is_null(rows.column("text")).to_numpy(zero_copy_only=False)
         rej.add(mask, "missing_field", f"no {c} (column {getattr(data_cfg.columns, c)!r})")
 
-    raw_text = pc.fill_null(rows.column("text"), "")
-    bad_encoding, text, n_chars = _text_columns(raw_text, text_cfg)
-    rej.add(bad_encoding, "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
-    rej.add(n_chars == 0, "empty_text", "transcript is empty after normalisation")  # no non-space character left
-
     # utt_id: the given id, or the audio path without its extension where none is given.
     ids_given = rows.column("id")
     no_id = blank(ids_given)
     if no_id.any():
         audio = pc.fill_null(rows.column("audio"), "")
         derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
-        filled = pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())
-        utt_id = pa.chunked_array([filled])
+        utt_id = pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())
     else:
-        utt_id = ids_given
+        utt_id = ids_given.combine_chunks()
+    audio_path = audio_path.combine_chunks()
 
-    id_hash = None
+    raw_text = pc.fill_null(rows.column("text"), "")
+    with cf.ThreadPoolExecutor(max_workers=_workers()) as pool:
+        # The duplicate hashes do not depend on the text: let them run beside the normalisation.
+        hash_jobs = [pool.submit(stable_hash64, utt_id), pool.submit(stable_hash64, audio_path)] if clean_cfg.drop_duplicates else []
+        bad_encoding, text, n_chars = _text_columns(raw_text, text_cfg, pool)
+        id_hash, path_hash = (j.result() for j in hash_jobs) if hash_jobs else (None, None)
+    rej.add(bad_encoding, "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
+    rej.add(n_chars == 0, "empty_text", "transcript is empty after normalisation")  # no non-space character left
+
     if clean_cfg.drop_duplicates:
         idx = np.flatnonzero(rej.alive())
-        sel = pa.array(idx)
-        alive_ids = utt_id.take(sel)
-        id_hash = stable_hash64(alive_ids)
-        dup_id = ~_first_occurrences(alive_ids, id_hash)
-        alive_paths = audio_path.take(sel)
-        dup_path = ~_first_occurrences(alive_paths, stable_hash64(alive_paths))
+        dup_id = ~_first_occurrences(utt_id, id_hash, idx)
+        dup_path = ~_first_occurrences(audio_path, path_hash, idx)
         mask = np.zeros(n, dtype=bool)
         mask[idx[dup_id | dup_path]] = True
         by_id = np.zeros(n, dtype=bool)
         by_id[idx[dup_id]] = True
         rej.add(mask, "duplicate", lambda r: np.where(by_id[r], "utt_id already seen in an earlier row", "audio file already listed in an earlier row"))
-        id_hash_rows = idx
 
     duration = rows.column("duration").to_numpy(zero_copy_only=False).astype(np.float64)
     sample_rate = np.zeros(n, dtype=np.int64)
@@ -764,10 +819,11 @@ def clean_manifest(
 
     keep = rej.alive()
     keep_rows = np.flatnonzero(keep)
-    keep_idx = pa.array(keep_rows)
-    kept_ids = utt_id.take(keep_idx)
-    if id_hash is not None and not clean_cfg.split_salt:  # reuse the dedup hashes of the kept rows
-        frac = (id_hash[np.searchsorted(id_hash_rows, keep_rows)] >> np.uint64(11)).astype(np.float64) / 2.0**53
+    # Boolean filters work chunk by chunk; ``take`` on a chunked column concatenates it first.
+    keep_mask, rej_mask = pa.array(keep), pa.array(~keep)
+    kept_ids = utt_id.filter(keep_mask)
+    if id_hash is not None and not clean_cfg.split_salt:  # the duplicate check's hashes are the split's
+        frac = (id_hash[keep] >> np.uint64(11)).astype(np.float64) / 2.0**53
     else:
         frac = stable_fraction(kept_ids, clean_cfg.split_salt)
     is_val = frac < clean_cfg.val_fraction
@@ -777,12 +833,12 @@ def clean_manifest(
     clean = pa.table(
         {
             "utt_id": kept_ids,
-            "audio_path": audio_path.take(keep_idx),
-            "text": text.take(keep_idx),
-            "raw_text": rows.column("text").take(keep_idx),
-            "speaker": rows.column("speaker").take(keep_idx),
-            "language": rows.column("language").take(keep_idx),
-            "emotion": rows.column("emotion").take(keep_idx),
+            "audio_path": audio_path.filter(keep_mask),
+            "text": text.filter(keep_mask),
+            "raw_text": rows.column("text").filter(keep_mask),
+            "speaker": rows.column("speaker").filter(keep_mask),
+            "language": rows.column("language").filter(keep_mask),
+            "emotion": rows.column("emotion").filter(keep_mask),
             "duration": pa.array(duration[keep], type=pa.float64()),
             "sample_rate": pa.array(np.where(probed, sample_rate[keep], 0), type=pa.int32(), mask=~probed),
             "channels": pa.array(np.where(probed, channels[keep], 0), type=pa.int16(), mask=~probed),
@@ -791,18 +847,17 @@ def clean_manifest(
     )
 
     rej_rows = np.flatnonzero(~keep)
-    rej_idx = pa.array(rej_rows)
     rejects = pa.table(
         {
-            "manifest": rows.column("manifest").take(rej_idx).cast(pa.string()),
-            "row": rows.column("row").take(rej_idx),
-            "utt_id": utt_id.take(rej_idx),
-            "audio": rows.column("audio").take(rej_idx),
-            "text": rows.column("text").take(rej_idx),
-            "speaker": rows.column("speaker").take(rej_idx),
-            "language": rows.column("language").take(rej_idx),
-            "emotion": rows.column("emotion").take(rej_idx),
-            "duration": rows.column("duration").take(rej_idx),
+            "manifest": rows.column("manifest").filter(rej_mask).cast(pa.string()),
+            "row": rows.column("row").filter(rej_mask),
+            "utt_id": utt_id.filter(rej_mask),
+            "audio": rows.column("audio").filter(rej_mask),
+            "text": rows.column("text").filter(rej_mask),
+            "speaker": rows.column("speaker").filter(rej_mask),
+            "language": rows.column("language").filter(rej_mask),
+            "emotion": rows.column("emotion").filter(rej_mask),
+            "duration": rows.column("duration").filter(rej_mask),
             "reason": pa.array([REASONS[c] for c in rej.code[rej_rows].tolist()], type=pa.string()),
             "detail": pa.array(rej.detail_strings(rej_rows), type=pa.string()),
         }

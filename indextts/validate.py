@@ -338,15 +338,15 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
 
 def check_checkpoint(state: dict[str, Any], config: Mapping[str, Any], *, bpe_path: Path, work_dir: Path) -> dict[str, Any]:
     """Save the batch check's model and load it back; all tensors equal."""
-    from indextts.checkpoint import load_checkpoint, save_checkpoint, tensor_equal
+    from indextts.checkpoint import load_checkpoint, save_checkpoint, section_record, tensor_equal
 
     model, cfg = state["model"], state["cfg"]
     ckpt = work_dir / ".roundtrip"
     shutil.rmtree(ckpt, ignore_errors=True)
     try:
         t0 = time.perf_counter()
-        save_checkpoint(ckpt, model, model_cfg=cfg, vocab_path=bpe_path, text_cfg=config.get("text", {}) or {},
-                        codec_cfg=config.get("codec", {}) or {}, stage="validate", training_type="full",
+        save_checkpoint(ckpt, model, model_cfg=cfg, vocab_path=bpe_path, text_cfg=section_record(config, "text"),
+                        codec_cfg=section_record(config, "codec"), stage="validate", training_type="full",
                         parent_sha256=None, data_index_sha256=None, step=0)
         t1 = time.perf_counter()
         loaded, meta = load_checkpoint(ckpt, vocab_path=bpe_path, verify_sha256=True)

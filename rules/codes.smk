@@ -1,1 +1,75 @@
-# Codec codes: extract_codes (one job per shard) and index_codes (gather). Issue 3.
+# Codec codes: the demo codec, extract_codes (one job per shard) and index_codes (gather).
+# Extraction reads only the codec and codes config sections and the codec/codes modules, never
+# the vocabulary: a vocab change does not re-encode audio, a codec change does.
+
+CODES = f"{RESULTS}/codes"
+
+
+def codes_shard(i):
+    return f"{CODES}/{shard_name(i)}.parquet"
+
+
+def codes_rejects(i):
+    return f"{CODES}/rejects/{shard_name(i)}.parquet"
+
+
+def extract_codes_gpus(wildcards):
+    """A GPU unless the config pins the codec to the CPU (then no GPU is held for nothing)."""
+    return 0 if config["codec"]["device"] == "cpu" else 1
+
+
+if config["demo"]["enabled"]:
+
+    rule make_demo_codec:
+        output:
+            weights=f"{RESULTS}/demo/codec/dac_tiny.pth",
+        params:
+            code=code_id("codec", *CORE),
+        log:
+            f"{LOGS}/codes/make_demo_codec.log",
+        shell:
+            "indextts make-demo-codec --output {output.weights:q} > {log} 2>&1"
+
+
+rule extract_codes:
+    input:
+        clean=f"{RESULTS}/clean/clean.parquet",
+        weights=config["codec"]["weights"],
+    output:
+        shard=f"{CODES}/shard-{{shard}}-of-{n_shards():05d}.parquet",
+        rejects=f"{CODES}/rejects/shard-{{shard}}-of-{n_shards():05d}.parquet",
+    wildcard_constraints:
+        shard=r"\d{5}",
+    params:
+        cfg=stage_config("codec", "codes"),
+        code=code_id("codec", "codes", *CORE),
+    log:
+        f"{LOGS}/codes/shard-{{shard}}.log",
+    # The CPU encoder uses every thread it gets; on a GPU they feed the DataLoader workers.
+    threads: max(1, min(4, workflow.cores))
+    resources:
+        gpu=extract_codes_gpus,
+        mem_mb=8000,
+    shell:
+        "indextts extract-codes --config {params.cfg:q} --manifest {input.clean:q} --shard {wildcards.shard}"
+        " --output {output.shard:q} --rejects {output.rejects:q} --threads {threads} > {log} 2>&1"
+
+
+rule index_codes:
+    input:
+        clean=f"{RESULTS}/clean/clean.parquet",
+        shards=[codes_shard(i) for i in range(n_shards())],
+        rejects=[codes_rejects(i) for i in range(n_shards())],
+    output:
+        index=f"{CODES}/index.json",
+    params:
+        cfg=stage_config("codes"),
+        code=code_id("codes", *CORE),
+    log:
+        f"{LOGS}/codes/index_codes.log",
+    shell:
+        "indextts index-codes --config {params.cfg:q} --manifest {input.clean:q} --shards {input.shards:q}"
+        " --rejects {input.rejects:q} --output {output.index:q} > {log} 2>&1"
+
+
+_EXTRA_TARGETS.append(f"{CODES}/index.json")

@@ -153,3 +153,15 @@ def test_meta_device_model_cannot_be_saved(tmp_path: Path, bpe: Path) -> None:
         model, cfg = tiny_model()
     with pytest.raises(CheckpointError, match="meta device"):
         save(tmp_path, model, cfg, bpe)
+
+
+def test_config_sections_are_recorded_with_defaults_and_parse_back() -> None:
+    from indextts.checkpoint import section_record
+    from indextts.config import get_section
+    from indextts.text import TextConfig
+
+    config = {"text": {"language": "ko", "punctuation_map": {"~": "-"}}}
+    rec = section_record(config, "text")
+    assert rec["punctuation_map"] == {"~": "-"} and rec["unicode_form"] == "NFC"
+    assert get_section(TextConfig, {"text": rec}, "text") == get_section(TextConfig, config, "text")
+    assert section_record({}, "codec") == {}

@@ -97,13 +97,23 @@ def write_clean(root: Path, n: int = 14, seed: int = 0) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The tiny codec gains nothing from intra-op threads, and on a busy 2-core machine their
+    # per-op barrier makes every op wait for a preempted thread. Restored for other modules.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     return make_demo_codec(tmp_path_factory.mktemp("codec") / "dac_tiny.pth")
 
 
 def _cfgs(weights: Path, **codes) -> tuple[CodecConfig, CodesConfig]:
-    base = {"n_shards": 2, "num_workers": 0, "batch_seconds_cpu": 6.0, "max_batch_size": 5}
+    base = {"n_shards": 2, "num_workers_cpu": 0, "batch_seconds_cpu": 6.0, "max_batch_size": 5}
     return CodecConfig(weights=str(weights), device="cpu"), CodesConfig(**{**base, **codes})
 
 
@@ -111,7 +121,7 @@ def _extract_all(codec_cfg, codes_cfg, manifest: Path, out: Path) -> tuple[list[
     shards, rejects = [], []
     for i in range(codes_cfg.n_shards):
         name = shard_file_name(i, codes_cfg.n_shards)
-        s, r = extract_codes(codec_cfg, codes_cfg, manifest, i, out / name, out / "rejects" / name, progress=False)
+        s, r = extract_codes(codec_cfg, codes_cfg, manifest, i, out / name, out / "rejects" / name, threads=1, progress=False)
         shards.append(s)
         rejects.append(r)
     return shards, rejects
@@ -180,7 +190,7 @@ def test_read_audio_downmixes_resamples_and_classifies_faults(tmp_path):
 
 def test_batched_shards_equal_dac_alone_and_read_back_zero_copy(tmp_path, weights):
     manifest = write_clean(tmp_path)
-    codec_cfg, codes_cfg = _cfgs(weights, num_workers=2)
+    codec_cfg, codes_cfg = _cfgs(weights, num_workers_cpu=2)
     shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
     ref = dac.DAC.load(str(weights)).eval()  # DAC's own loader and API as the reference
     _, info = load_codec(weights)
@@ -225,7 +235,7 @@ def test_batched_shards_equal_dac_alone_and_read_back_zero_copy(tmp_path, weight
 def test_shard_bytes_do_not_depend_on_batching_or_workers(tmp_path, weights):
     manifest = write_clean(tmp_path, n=10, seed=1)
     digests = []
-    for k, codes in enumerate([{"batch_seconds_cpu": 0.0}, {"batch_seconds_cpu": 20.0, "max_batch_size": 64, "num_workers": 2}]):
+    for k, codes in enumerate([{"batch_seconds_cpu": 0.0}, {"batch_seconds_cpu": 20.0, "max_batch_size": 64, "num_workers_cpu": 2}]):
         codec_cfg, codes_cfg = _cfgs(weights, n_shards=1, **codes)
         (s,), (r,) = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / f"run{k}")
         digests.append((sha256_file(s), sha256_file(r)))
@@ -291,8 +301,8 @@ _KILLABLE = textwrap.dedent(
 
     weights, manifest, out, rej = sys.argv[1:5]
     extract_codes(CodecConfig(weights=weights, device="cpu"),
-                  CodesConfig(n_shards=1, num_workers=2, batch_seconds_cpu=3.0, max_batch_size=4),
-                  manifest, 0, out, rej, progress=False, on_batch=after_batch)
+                  CodesConfig(n_shards=1, num_workers_cpu=2, batch_seconds_cpu=3.0, max_batch_size=4),
+                  manifest, 0, out, rej, threads=1, progress=False, on_batch=after_batch)
     """
 )
 
@@ -313,12 +323,13 @@ def test_killed_mid_shard_reruns_to_the_same_bytes(tmp_path, weights):
     finally:
         proc.wait(timeout=30)
     assert not out.exists() and not rej.exists()  # nothing half-written under the real names
-    codec_cfg, codes_cfg = _cfgs(weights, n_shards=1, num_workers=2, batch_seconds_cpu=3.0, max_batch_size=4)
-    extract_codes(codec_cfg, codes_cfg, manifest, 0, out, rej, progress=False)
+    codec_cfg, codes_cfg = _cfgs(weights, n_shards=1, num_workers_cpu=2, batch_seconds_cpu=3.0, max_batch_size=4)
+    extract_codes(codec_cfg, codes_cfg, manifest, 0, out, rej, threads=1, progress=False)
     rerun = sha256_file(out)
-    extract_codes(codec_cfg, codes_cfg, manifest, 0, tmp_path / "ref.parquet", tmp_path / "ref_rej.parquet", progress=False)
-    assert rerun == sha256_file(tmp_path / "ref.parquet")
-    assert sha256_file(rej) == sha256_file(tmp_path / "ref_rej.parquet")
+    ref, ref_rej = tmp_path / "ref.parquet", tmp_path / "ref_rej.parquet"
+    extract_codes(codec_cfg, codes_cfg, manifest, 0, ref, ref_rej, threads=1, progress=False)
+    assert rerun == sha256_file(ref)
+    assert sha256_file(rej) == sha256_file(ref_rej)
     assert not list(out.parent.glob(".*.tmp"))
 
 
@@ -326,7 +337,7 @@ def test_cli_extract_and_index(tmp_path, weights):
     from indextts.cli import main
 
     manifest = write_clean(tmp_path, n=5, seed=6)
-    cfg = json.dumps({"codec": {"weights": str(weights), "device": "cpu"}, "codes": {"n_shards": 1, "num_workers": 0}})
+    cfg = json.dumps({"codec": {"weights": str(weights), "device": "cpu"}, "codes": {"n_shards": 1, "num_workers_cpu": 0}})
     shard, rej = tmp_path / "s.parquet", tmp_path / "r.parquet"
     argv = ["--config", cfg, "--manifest", str(manifest), "--output", str(shard), "--rejects", str(rej)]
     assert main(["extract-codes", *argv, "--shard", "00000", "--threads", "1", "--no-progress"]) == 0

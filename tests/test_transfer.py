@@ -165,7 +165,14 @@ def test_files_that_are_not_state_dicts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="not a state dict"):
         load_official_state_dict(tmp_path / "list.pth")
     torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, tmp_path / "ok.pth")
-    assert load_official_state_dict(tmp_path / "ok.pth")[1] is True
+    loaded = load_official_state_dict(tmp_path / "ok.pth")
+    assert loaded.wrapped is True and loaded.other_keys == ["step"]
+    with pytest.raises(TransferError, match="none of its 1 tensors fits our model"):
+        import_official(tmp_path / "ok.pth", tiny(seed=0))  # e.g. another model's checkpoint
+    sd = export_official(tiny(seed=0))
+    torch.save({"model": sd, "step": 3, "optimizer": {}}, tmp_path / "trainer.pth")
+    report = import_official(tmp_path / "trainer.pth", tiny(seed=1))
+    assert "besides 'model' were not used: optimizer, step" in report.notes[0]
     (tmp_path / "junk.pth").write_bytes(b"not a torch file at all")
     with pytest.raises(TransferError, match="weights-only"):
         load_official_state_dict(tmp_path / "junk.pth")

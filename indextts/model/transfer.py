@@ -30,7 +30,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -203,14 +203,22 @@ def _collapse(reasons: Mapping[str, str], limit: int = 3) -> dict[str, str]:
 # Reading an official file
 
 
-def load_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+class OfficialFile(NamedTuple):
+    """What :func:`load_official_state_dict` found in a file."""
+
+    state: dict[str, torch.Tensor]
+    wrapped: bool  # the weights were under "model"
+    other_keys: list[str]  # the wrapper's other entries (optimizer, step ...), not used
+
+
+def load_official_state_dict(path: str | Path) -> OfficialFile:
     """Read a ``gpt.pth``: a plain state dict or one wrapped under ``"model"``.
 
     Loaded with ``weights_only=True``, so a file that needs arbitrary unpickling is refused. A
     ``module.`` prefix (a DistributedDataParallel save) is stripped when every key has it.
 
     Returns:
-        (state dict, whether it was wrapped under ``"model"``).
+        :class:`OfficialFile` (state dict, whether it was wrapped, the wrapper's other keys).
 
     Raises:
         TransferError: the file is missing, not a torch file, not weights-only loadable, or does
@@ -233,8 +241,9 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor],
             f"{str(e).splitlines()[0] if str(e) else ''}). Expected the released IndexTTS2 gpt.pth "
             "or a file written by 'indextts export-gpt'."
         ) from e
-    wrapped = False
+    wrapped, other = False, []
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        other = [str(k) for k in obj if k != "model"]
         obj, wrapped = obj["model"], True
     if not isinstance(obj, Mapping) or not obj:
         raise TransferError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
@@ -247,7 +256,7 @@ def load_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor],
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd, wrapped
+    return OfficialFile(sd, wrapped, other)
 
 
 def conv1d_keys(model: nn.Module) -> set[str]:
@@ -482,9 +491,11 @@ def import_official(
     if isinstance(gpt_pth, Mapping):
         official, wrapped, source = dict(gpt_pth), False, "<state dict>"
     else:
-        official, wrapped = load_official_state_dict(gpt_pth)
+        official, wrapped, other = load_official_state_dict(gpt_pth)
         source = str(gpt_pth)
     report = TransferReport(source=source, wrapped=wrapped)
+    if wrapped and other:
+        report.notes.append(f"the file's entries besides 'model' were not used: {', '.join(sorted(other))}")
     ours = model.state_dict()
     transpose = conv1d_keys(model)
 
@@ -553,6 +564,11 @@ def import_official(
     for key in official:
         if key not in taken:
             report.unused[key] = "our model has no such parameter (different layer count or architecture option)"
+    if not report.loaded and not report.transferred:
+        raise TransferError(
+            f"{source}: none of its {len(official)} tensors fits our model (first keys: "
+            f"{', '.join(list(official)[:3])}); is this the IndexTTS2 GPT checkpoint (gpt.pth)?"
+        )
     # Our state_dict() tensors share storage with the parameters, so the copies above landed in
     # the model; the keys stay in a stable order for the report.
     report.loaded.sort()
@@ -646,7 +662,7 @@ def import_checkpoint(
     """
     import sentencepiece as spm
 
-    from indextts.checkpoint import save_checkpoint
+    from indextts.checkpoint import save_checkpoint, section_record
     from indextts.config import get_section
     from indextts.files import sha256_file, write_json
     from indextts.model import build_model
@@ -668,8 +684,8 @@ def import_checkpoint(
         model,
         model_cfg=cfg,
         vocab_path=bpe_path,
-        text_cfg=config.get("text", {}) or {},
-        codec_cfg=config.get("codec", {}) or {},
+        text_cfg=section_record(config, "text"),
+        codec_cfg=section_record(config, "codec"),
         stage="pretrained",
         training_type="full",
         parent_sha256=sha256_file(gpt_pth),
