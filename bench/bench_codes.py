@@ -40,6 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+# What `indextts extract-codes` sets before torch loads (see cli_extract_codes); set here for both
+# contenders alike, since they run in this one process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -154,8 +158,13 @@ def per_file_loop(weights: Path, manifest: Path, out_dir: Path, device: str) -> 
     return time.perf_counter() - start
 
 
-def ours(weights: Path, manifest: Path, out_dir: Path, device: str, threads: int, workers: int | None) -> float:
-    codes_cfg = CodesConfig(n_shards=1, **({} if workers is None else {"num_workers_cpu": workers, "num_workers_cuda": workers}))
+def ours(
+    weights: Path, manifest: Path, out_dir: Path, device: str, threads: int, workers: int | None, batch_cpu: float | None = None
+) -> float:
+    overrides = {} if workers is None else {"num_workers_cpu": workers, "num_workers": workers}
+    if batch_cpu is not None:
+        overrides["batch_seconds_cpu"] = batch_cpu
+    codes_cfg = CodesConfig(n_shards=1, **overrides)
     start = time.perf_counter()
     extract_codes(
         CodecConfig(weights=str(weights), device=device),
@@ -180,22 +189,23 @@ def same_codes(shard: Path, npy_dir: Path) -> tuple[int, int]:
     return len(sc), differ
 
 
-def bench_extraction(kind: str, seconds: float, device: str, args) -> dict:
+def bench_extraction(kind: str, seconds: float, device: str, args, batch_cpu: float | None = None) -> dict:
     manifest = make_corpus(seconds, f"corpus-{seconds:g}s")
     audio = float(pq.read_table(manifest, columns=["duration"]).column("duration").to_numpy().sum())
     n_utts = pq.read_metadata(manifest).num_rows
     weights = codec_weights(kind)
-    work = OUT / "work" / f"{kind}-{device}"
+    work = OUT / "work" / f"{kind}-{device}{'' if batch_cpu is None else '-batched'}"
     base_t, ours_t = [], []
     for r in range(args.repeats):
         # Interleaved, so load from other processes on the machine hits both alike.
         base_t.append(per_file_loop(weights, manifest, work / "npy", device))
-        ours_t.append(ours(weights, manifest, work, device, args.threads, args.workers))
+        ours_t.append(ours(weights, manifest, work, device, args.threads, args.workers, batch_cpu))
         print(f"  {kind}/{device} repeat {r}: per-file {audio / base_t[-1]:.1f}x, extract_codes {audio / ours_t[-1]:.1f}x", file=sys.stderr)
     compared, differ = same_codes(work / "shard.parquet", work / "npy")
     return {
         "kind": kind,
         "device": device,
+        "batched": batch_cpu is not None,
         "utts": n_utts,
         "audio": audio,
         "base": statistics.median(base_t),
@@ -295,7 +305,8 @@ def markdown(extraction: list[dict], reading: dict, args, load: str) -> str:
         "## Codec codes (`bench/bench_codes.py`)",
         "",
         f"Command: `.venv/bin/python bench/bench_codes.py {' '.join(args.argv)}`".rstrip() + "  ",
-        f"Machine: {machine()}. Load average before the run: {load}.",
+        f"Machine: {machine()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}."
+        f" Load average before the run: {load} (the machine is shared; numbers move with it).",
         "",
         "### Extraction throughput (audio seconds per wall second, median of "
         f"{args.repeats} interleaved runs)",
@@ -312,6 +323,8 @@ def markdown(extraction: list[dict], reading: dict, args, load: str) -> str:
         base, mine = e["audio"] / e["base"], e["audio"] / e["ours"]
         same = "yes" if e["differ"] == 0 else f"NO ({e['differ']} of {e['compared']} differ)"
         name = "tiny demo DAC" if e["kind"] == "tiny" else "full-size 16 kHz DAC"
+        if e["batched"]:
+            name += ", batched as on a GPU (200 s)"
         lines.append(
             f"| {name} | {e['device']} | {e['utts']} | {e['audio']:.0f} s | {base:.1f}x | {mine:.1f}x | "
             f"{mine / base:.2f} | {same} ({e['compared']}) |"
@@ -355,7 +368,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-utts", type=int, default=8000, help="utterances for the reading benchmark (default 8000)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="extract_codes threads (the rule's threads)")
-    p.add_argument("--workers", type=int, default=None, help="override codes.num_workers_cpu and num_workers_cuda")
+    p.add_argument("--workers", type=int, default=None, help="override codes.num_workers_cpu and num_workers")
     p.add_argument("--only", choices=["extract", "read"], default=None)
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args()
@@ -365,6 +378,9 @@ def main() -> int:
     if args.only != "read":
         extraction.append(bench_extraction("tiny", args.tiny_seconds, "cpu", args))
         extraction.append(bench_extraction("full", args.full_seconds, "cpu", args))
+        # The GPU's batching policy on the CPU: shows that exact batching holds at full size
+        # (codes identical) and what batching costs on a CPU.
+        extraction.append(bench_extraction("full", args.full_seconds, "cpu", args, batch_cpu=200.0))
         if torch.cuda.is_available():
             extraction.append(bench_extraction("full", args.gpu_seconds, "cuda", args))
     reading = bench_reading(args.read_utts, args.repeats) if args.only != "extract" else None

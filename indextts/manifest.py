@@ -6,8 +6,11 @@ in config. Every input row ends up in exactly one of the two tables, so
 its source manifest, its row number, its raw fields, a reason code from a fixed vocabulary
 (:data:`REASONS`) and a human-readable detail.
 
-The work is vectorised over Arrow arrays; the only per-row Python is the audio-header probe,
-which runs in a thread pool (soundfile releases the GIL) and reads headers, never samples.
+The work is vectorised over Arrow arrays and numpy; the only per-row Python is the audio-header
+probe, which runs in a thread pool (soundfile releases the GIL) and reads headers, never
+samples, and ``json.loads`` on the few lines Arrow's JSON parser rejects. JSONL blocks and
+transcript normalisation run on all cores (Arrow kernels release the GIL). Duplicates and the
+train/val split use XXH64 (:func:`stable_hash64`), computed over Arrow's string buffers.
 For corpora too large to probe, ``clean.trust_durations`` takes durations from the manifest.
 """
 
@@ -591,11 +594,13 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
                 continue
             length = int(sorted_len[a])
             w = max(8, -(-length // 8) * 8)
-            rows = order[a:b]
             window = np.lib.stride_tricks.as_strided(padded, shape=(len(padded) - w + 1, w), strides=(1, 1), writeable=False)
-            block = window[starts[rows]]
-            block[:, length:] = 0
-            out[rows] = _xxh64_fixed(block, length)
+            step = max(1, (64 << 20) // w)  # at most ~64 MB of key bytes per matrix
+            for c in range(a, b, step):
+                rows = order[c : min(b, c + step)]
+                block = window[starts[rows]]
+                block[:, length:] = 0
+                out[rows] = _xxh64_fixed(block, length)
     return out
 
 
@@ -656,17 +661,18 @@ def _workers() -> int:
 
 
 def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig, pool: cf.Executor | None = None) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
-    """Mojibake flags, normalised text and its length without spaces, computed on slices in
-    ``pool``: Arrow's string kernels release the GIL, but each call runs on one core."""
+    """Mojibake flags, normalised text (null where the transcript is null) and its length
+    without spaces, computed on slices in ``pool``: Arrow's string kernels release the GIL, but
+    each call runs on one core."""
     n = len(raw_text)
     n_slices = 1 if n < 50_000 or pool is None else 4 * _workers()
     bounds = np.linspace(0, n, n_slices + 1).astype(np.int64).tolist()
 
     def work(a: int, b: int) -> tuple[pa.Array, pa.Array, pa.Array]:
         piece = raw_text.slice(a, b - a)
-        text = normalize_array(piece, cfg)
-        n_chars = pc.subtract(pc.utf8_length(text), pc.count_substring(text, " "))
-        return has_bad_encoding(piece), text, n_chars
+        text = normalize_array(piece, cfg)  # a null transcript stays null (0 characters)
+        n_chars = pc.fill_null(pc.subtract(pc.utf8_length(text), pc.count_substring(text, " ")), 0)
+        return pc.fill_null(has_bad_encoding(piece), False), text, n_chars
 
     parts = [work(0, n)] if n_slices == 1 else list(pool.map(work, bounds[:-1], bounds[1:]))
 
@@ -766,7 +772,7 @@ def clean_manifest(
         utt_id = ids_given.combine_chunks()
     audio_path = audio_path.combine_chunks()
 
-    raw_text = pc.fill_null(rows.column("text"), "")
+    raw_text = rows.column("text")
     with cf.ThreadPoolExecutor(max_workers=_workers()) as pool:
         # The duplicate hashes do not depend on the text: let them run beside the normalisation.
         hash_jobs = [pool.submit(stable_hash64, utt_id), pool.submit(stable_hash64, audio_path)] if clean_cfg.drop_duplicates else []
@@ -818,7 +824,6 @@ def clean_manifest(
         rej.add((cps < lo_cps) | (cps > hi_cps), "chars_per_second", lambda r: [f"{round(float(c), 2)} chars/s outside [{lo_cps}, {hi_cps}]" for c in cps[r]])
 
     keep = rej.alive()
-    keep_rows = np.flatnonzero(keep)
     # Boolean filters work chunk by chunk; ``take`` on a chunked column concatenates it first.
     keep_mask, rej_mask = pa.array(keep), pa.array(~keep)
     kept_ids = utt_id.filter(keep_mask)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -349,18 +350,75 @@ def test_cli_extract_and_index(tmp_path, weights):
     assert main(["index-codes", "--config", bad, *index_argv[2:], "--output", str(tmp_path / "i2.json")]) == 1
 
 
-def test_config_defaults_match_the_schema():
-    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]
-    for cls, name in ((CodecConfig, "codec"), (CodesConfig, "codes")):
-        props = schema[name]["properties"]
-        assert schema[name]["additionalProperties"] is False
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        assert set(props) == set(fields), name
-        for key, f in fields.items():
-            assert props[key].get("description"), f"{name}.{key} has no description"
-            if f.default is dataclasses.MISSING:
-                assert key in schema[name].get("required", []) and "default" not in props[key]
-            else:
-                assert props[key]["default"] == f.default, f"{name}.{key}"
+def test_demo_config_points_at_the_demo_codec_rule_output():
+    # The make_demo_codec rule writes this fixed path; the demo config must read it.
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     assert cfg["codec"]["weights"] == "results/demo/codec/dac_tiny.pth"
+    assert 'weights=f"{RESULTS}/demo/codec/dac_tiny.pth"' in (REPO / "rules" / "codes.smk").read_text()
+
+
+def test_empty_shards_are_written_and_indexed(tmp_path, weights):
+    manifest = write_clean(tmp_path, n=3, seed=7)
+    codec_cfg, codes_cfg = _cfgs(weights, n_shards=8)
+    shards, rejects = _extract_all(codec_cfg, codes_cfg, manifest, tmp_path / "codes")
+    sizes = [len(read_shard_codes(s)) for s in shards]
+    assert sum(sizes) == 3 and sizes.count(0) >= 5
+    empty = read_shard_codes(shards[sizes.index(0)])
+    assert empty.n_q == 3 and list(empty.meta.columns) == list(META_COLUMNS)
+    data = json.loads(index_codes(codes_cfg, manifest, shards, rejects, tmp_path / "index.json").read_text())
+    assert data["totals"]["rows"] == 3 and len(data["shards"]) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# The rules, with the real snakemake
+
+
+def _snakemake(workdir: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_rules_rerun_extraction_on_codec_change_not_on_vocab_change(tmp_path, weights):
+    """extract_codes + index_codes through snakemake on a hand-made corpus: then a vocabulary
+    change leaves the codes alone, a codec change re-extracts every shard."""
+    lines = []
+    for i in range(6):
+        sr = (16000, 22050)[i % 2]
+        path = write_wav(tmp_path / "wavs" / f"u{i}.wav", 1.2 + 0.25 * i, sr, channels=1 + (i == 3), seed=i)
+        lines.append(json.dumps({"id": f"u{i}", "audio": str(path), "text": "ሰላም ነው ዛሬ", "speaker": f"s{i % 2}"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["demo"]["enabled"] = False
+    cfg["data"]["manifests"] = [str(tmp_path / "manifest.jsonl")]
+    cfg["codec"] = {"weights": str(weights), "device": "cpu"}
+    cfg["codes"]["n_shards"] = 2
+
+    def write_config() -> None:
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+
+    write_config()
+    _snakemake(tmp_path, "results/codes/index.json")
+    index = json.loads((tmp_path / "results" / "codes" / "index.json").read_text())
+    assert index["totals"]["rows"] == 6 and index["codec"]["n_q"] == 3
+    shard0 = tmp_path / "results" / "codes" / "shard-00000-of-00002.parquet"
+    assert (tmp_path / "logs" / "codes" / "shard-00000.log").read_text().count("encoded") == 1
+
+    cfg["vocab"]["vocab_size"] = cfg["vocab"]["vocab_size"] + 1
+    write_config()
+    assert "Nothing to be done" in _snakemake(tmp_path, "-n", "results/codes/index.json")
+
+    cfg["codec"]["n_quantizers"] = 2
+    write_config()
+    plan = _snakemake(tmp_path, "-n", "results/codes/index.json")
+    assert re.search(r"extract_codes\s+2\b", plan) and re.search(r"index_codes\s+1\b", plan), plan
+    _snakemake(tmp_path, "results/codes/index.json")
+    assert read_shard_codes(shard0).n_q == 2
