@@ -153,9 +153,8 @@ def _jsonl_schema(mapping: dict[str, str]) -> pa.Schema:
     return pa.schema([(mapping[c], pa.float64() if c == "duration" else pa.string()) for c in CANONICAL if mapping[c]])
 
 
-def _jsonl_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
-    """Yield (whole lines, number of lines before them) in blocks of ~``_JSON_BLOCK_BYTES``."""
-    lines_before = 0
+def _jsonl_blocks(path: Path) -> Iterator[bytes]:
+    """Yield the file's whole lines in blocks of about ``_JSON_BLOCK_BYTES``."""
     carry = b""
     with open(path, "rb") as f:
         while True:
@@ -163,7 +162,7 @@ def _jsonl_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
             data = carry + chunk if carry else chunk
             if not chunk:
                 if data:
-                    yield data, lines_before
+                    yield data
                 return
             cut = data.rfind(b"\n") + 1
             if cut == 0:  # one line longer than a block: keep reading
@@ -173,8 +172,7 @@ def _jsonl_blocks(path: Path) -> Iterator[tuple[bytes, int]]:
                 block, carry = data, b""
             else:
                 block, carry = data[:cut], data[cut:]
-            yield block, lines_before
-            lines_before += block.count(b"\n")
+            yield block
 
 
 def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dict]]:
@@ -193,33 +191,41 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
     results: list[cf.Future] = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         window: list[cf.Future] = []
-        for data, lines_before in _jsonl_blocks(path):
-            fut = pool.submit(_parse_block, data, lines_before, schema, parse_opts, read_opts)
+        for data in _jsonl_blocks(path):
+            fut = pool.submit(_parse_block, data, schema, parse_opts, read_opts)
             results.append(fut)
             window.append(fut)
             if len(window) > 4 * workers:  # bound the bytes held in memory while parsing
                 window.pop(0).result()
+    # Blocks number their lines from 1; shift them by the lines of the blocks before.
     tables: list[pa.Table] = []
     malformed: list[dict] = []
+    lines_before = 0
     for fut in results:
-        t, bad = fut.result()
-        tables += t
-        malformed += bad
+        block_tables, bad, n_lines = fut.result()
+        for t in block_tables:
+            i = t.schema.get_field_index("row")
+            tables.append(t.set_column(i, "row", pc.add(t.column(i), lines_before)))
+        malformed += [{**b, "row": b["row"] + lines_before} for b in bad]
+        lines_before += n_lines
     if not tables:
         return _empty_rows(schema), malformed
     return pa.concat_tables(tables), malformed
 
 
-def _parse_block(data: bytes, lines_before: int, schema: pa.Schema, parse_opts, read_opts) -> tuple[list[pa.Table], list[dict]]:
+def _parse_block(data: bytes, schema: pa.Schema, parse_opts, read_opts) -> tuple[list[pa.Table], list[dict], int]:
+    """Parse one block of whole lines. Returns its tables and malformed lines, numbered from 1
+    within the block, and the block's number of newlines."""
     tables: list[pa.Table] = []
     malformed: list[dict] = []
+    n_newlines = data.count(b"\n")
     has_blank = data[: data.find(b"\n") + 1 or len(data)].isspace() or _BLANK_LINE.search(data) is not None
     if not has_blank:
-        n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        n_lines = n_newlines + (0 if data.endswith(b"\n") else 1)
         table = _try_parse(data, 0, len(data), parse_opts, read_opts)
         if table is not None and table.num_rows == n_lines:
-            rows = np.arange(lines_before + 1, lines_before + n_lines + 1, dtype=np.int64)
-            return [table.append_column("row", pa.array(rows))], malformed
+            rows = np.arange(1, n_lines + 1, dtype=np.int64)
+            return [table.append_column("row", pa.array(rows))], malformed, n_newlines
     # Blank lines or a bad line: index the lines of this block and work on line ranges.
     buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
@@ -228,8 +234,8 @@ def _parse_block(data: bytes, lines_before: int, schema: pa.Schema, parse_opts, 
     blank = np.zeros(len(starts), dtype=bool)
     for i in np.flatnonzero(ends - starts <= 8):  # only short lines can be blank; check those
         blank[i] = not data[starts[i] : ends[i]].strip()
-    _parse_lines(data, starts, ends, blank, 0, len(starts), lines_before, schema, parse_opts, read_opts, tables, malformed)
-    return tables, malformed
+    _parse_lines(data, starts, ends, blank, 0, len(starts), 0, schema, parse_opts, read_opts, tables, malformed)
+    return tables, malformed, n_newlines
 
 
 def _try_parse(data: bytes, lo: int, hi: int, parse_opts, read_opts) -> pa.Table | None:
@@ -540,24 +546,15 @@ def _xxh64_fixed(block: np.ndarray, length: int) -> np.ndarray:
     return h
 
 
-def _as_string_array(keys: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
-    if not isinstance(keys, pa.Array):
-        keys = pa.array(list(keys), type=pa.string())
-    if keys.null_count:
-        raise ValueError("stable_hash64: keys must not be null")
-    if keys.type not in (pa.string(), pa.large_string()):
-        keys = keys.cast(pa.string())
-    return keys
+_HASH_SLICE = 1 << 16  # keys hashed per numpy pass: small enough to stay in cache
 
 
 def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
     """XXH64 (seed 0) of the UTF-8 bytes of ``salt + key`` for every key, as ``uint64``.
 
     The same on every machine, process and Python version (unlike ``hash()``), vectorised over
-    Arrow's string buffers (3M keys in well under a second, where a Python loop of ``hashlib``
-    calls takes seconds). Any XXH64 implementation reproduces it, e.g.
+    Arrow's string buffers (3M keys in a fraction of a second, where a Python loop of
+    ``hashlib`` calls takes seconds). Any XXH64 implementation reproduces it, e.g.
     ``xxhash.xxh64_intdigest((salt + key).encode())``.
 
     Args:
@@ -566,10 +563,30 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
 
     Returns:
         ``uint64`` array, one hash per key.
+
+    Raises:
+        ValueError: a key is null.
     """
-    arr = _as_string_array(keys)
-    if salt:
-        arr = pc.binary_join_element_wise(pa.scalar(salt, arr.type), arr, pa.scalar("", arr.type))
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = pa.array(list(keys), type=pa.string())
+    if keys.null_count:
+        raise ValueError("stable_hash64: keys must not be null")
+    if keys.type not in (pa.string(), pa.large_string()):
+        keys = keys.cast(pa.string())
+    out = np.empty(len(keys), dtype=np.uint64)
+    pos = 0
+    for chunk in keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]:
+        for a in range(0, len(chunk), _HASH_SLICE):
+            piece = chunk.slice(a, _HASH_SLICE)
+            if salt:
+                piece = pc.binary_join_element_wise(pa.scalar(salt, piece.type), piece, pa.scalar("", piece.type))
+            out[pos : pos + len(piece)] = _hash_strings(piece)
+            pos += len(piece)
+    return out
+
+
+def _hash_strings(arr: pa.Array) -> np.ndarray:
+    """XXH64 of each string of a (large_)string array without nulls."""
     n = len(arr)
     _, off_buf, data_buf = arr.buffers()
     off_type = np.int64 if arr.type == pa.large_string() else np.int32
@@ -595,12 +612,10 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
             length = int(sorted_len[a])
             w = max(8, -(-length // 8) * 8)
             window = np.lib.stride_tricks.as_strided(padded, shape=(len(padded) - w + 1, w), strides=(1, 1), writeable=False)
-            step = max(1, (64 << 20) // w)  # at most ~64 MB of key bytes per matrix
-            for c in range(a, b, step):
-                rows = order[c : min(b, c + step)]
-                block = window[starts[rows]]
-                block[:, length:] = 0
-                out[rows] = _xxh64_fixed(block, length)
+            rows = order[a:b]
+            block = window[starts[rows]]
+            block[:, length:] = 0
+            out[rows] = _xxh64_fixed(block, length)
     return out
 
 
@@ -614,7 +629,7 @@ def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str 
     return (stable_hash64(keys, salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def _first_occurrences(keys: pa.Array, hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _first_occurrences(keys: pa.Array | pa.ChunkedArray, hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """For each of ``rows`` (ascending indices into ``keys``), True when its key equals the key of
     no earlier row in ``rows``. ``hashes``: :func:`stable_hash64` of ``keys``. Exact: a row whose
     hash was seen before is compared with that earlier row's string, so a 64-bit hash collision
@@ -767,10 +782,9 @@ def clean_manifest(
     if no_id.any():
         audio = pc.fill_null(rows.column("audio"), "")
         derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
-        utt_id = pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())
+        utt_id = pa.chunked_array([pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())])
     else:
-        utt_id = ids_given.combine_chunks()
-    audio_path = audio_path.combine_chunks()
+        utt_id = ids_given
 
     raw_text = rows.column("text")
     with cf.ThreadPoolExecutor(max_workers=_workers()) as pool:

@@ -18,6 +18,9 @@ if shutil.which("espeak-ng") is None:  # `make test` installs it; say so instead
     pytest.skip("espeak-ng is not installed (make install puts it there)", allow_module_level=True)
 
 PREP_DOWNSTREAM = {"train_vocab", "select_speakers"}
+# Rules that consume bpe.model: a vocabulary change must rerun these and nothing upstream or beside.
+VOCAB_CONSUMERS = {"validate_pipeline"}
+EXTRACTION = {"extract_codes", "index_codes"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_text_normalisation_change_reruns_clean_and_what_follows(demo):
 
 def test_top_k_change_reruns_only_select_speakers(demo):
     jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["speakers"].update(top_k=3)))
-    assert jobs == {"select_speakers": 1}
+    assert jobs == {"select_speakers": 1}  # nothing consumes speakers.json before training
 
 
 def test_editing_the_vocab_module_reruns_only_train_vocab(demo):
@@ -81,7 +84,31 @@ def test_editing_the_vocab_module_reruns_only_train_vocab(demo):
         jobs = planned_jobs(demo)
     finally:
         module.write_text(original)
-    assert jobs == {"train_vocab": 1}
+    assert set(jobs) == {"train_vocab"} | VOCAB_CONSUMERS and jobs["train_vocab"] == 1
+
+
+def test_demo_dag_produces_code_shards_and_index(demo):
+    index = json.loads((demo / "results/codes/index.json").read_text())
+    shards = sorted((demo / "results/codes").glob("shard-*.parquet"))
+    assert len(shards) == 4
+    clean = pd.read_parquet(demo / "results/clean/clean.parquet")
+    rows = sum(len(pd.read_parquet(p, columns=["utt_id"])) for p in shards)
+    assert rows == len(clean)  # every clean utterance is encoded exactly once
+    assert index["totals"]["rows"] == len(clean) and index["n_shards"] == 4
+    assert [s["rows"] for s in index["shards"]] == [len(pd.read_parquet(p, columns=["utt_id"])) for p in shards]
+    report = json.loads((demo / "results/validate/report.json").read_text())
+    assert report["ok"] and [c["status"] for c in report["checks"]] == ["pass"] * 5
+
+
+def test_vocab_change_does_not_rerun_extraction(demo):
+    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["vocab"].update(vocab_size=200)))
+    assert set(jobs) == {"train_vocab"} | VOCAB_CONSUMERS
+
+
+def test_codec_change_reruns_extraction_and_what_follows_only(demo):
+    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["codec"].update(n_quantizers=2)))
+    assert EXTRACTION <= set(jobs) and jobs["extract_codes"] == 4
+    assert not {"clean_manifest", "train_vocab", "select_speakers", "demo_corpus"} & set(jobs)
 
 
 def test_unknown_key_fails_before_any_job_naming_the_key(tmp_path):
