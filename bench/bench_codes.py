@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import warnings

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-import numpy as np
 import torch
 
 from indextts.config import ConfigError

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -702,7 +701,7 @@ def cli_extract_codes(argv: list[str]) -> int:
     # Before torch starts its OpenMP pool: waiting threads sleep instead of spinning. When another
     # process shares the cores, spinning threads burn the slice the awaited thread needs, and
     # every op's barrier stalls; measured 10x -> 41x real time for the demo codec on a busy
-    # 2-core machine, no change when idle. No effect if torch is already loaded.
+    # 2-core machine. No effect if torch is already loaded.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     codec_cfg, codes_cfg = _sections(args.config)
     from indextts.codec import CodecLoadError

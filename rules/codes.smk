@@ -3,19 +3,7 @@
 # the vocabulary: a vocab change does not re-encode audio, a codec change does.
 
 CODES = f"{RESULTS}/codes"
-
-
-def codes_shard(i):
-    return f"{CODES}/{shard_name(i)}.parquet"
-
-
-def codes_rejects(i):
-    return f"{CODES}/rejects/{shard_name(i)}.parquet"
-
-
-def extract_codes_gpus(wildcards):
-    """A GPU unless the config pins the codec to the CPU (then no GPU is held for nothing)."""
-    return 0 if config["codec"]["device"] == "cpu" else 1
+SHARD_FILES = [f"{shard_name(i)}.parquet" for i in range(n_shards())]
 
 
 if config["demo"]["enabled"]:
@@ -48,7 +36,8 @@ rule extract_codes:
     # The CPU encoder uses every thread it gets; on a GPU they feed the DataLoader workers.
     threads: max(1, min(4, workflow.cores))
     resources:
-        gpu=extract_codes_gpus,
+        # A GPU unless the config pins the codec to the CPU (then none is held for nothing).
+        gpu=0 if config["codec"]["device"] == "cpu" else 1,
         mem_mb=8000,
     shell:
         "indextts extract-codes --config {params.cfg:q} --manifest {input.clean:q} --shard {wildcards.shard}"
@@ -58,8 +47,8 @@ rule extract_codes:
 rule index_codes:
     input:
         clean=f"{RESULTS}/clean/clean.parquet",
-        shards=[codes_shard(i) for i in range(n_shards())],
-        rejects=[codes_rejects(i) for i in range(n_shards())],
+        shards=expand(f"{CODES}/{{name}}", name=SHARD_FILES),
+        rejects=expand(f"{CODES}/rejects/{{name}}", name=SHARD_FILES),
     output:
         index=f"{CODES}/index.json",
     params:
