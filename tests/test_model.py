@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 TSV_NAME = "indextts2_gpt_state_dict.tsv"
 
 
-def _reference_tsv() -> Path | None:
-    candidates = [REPO.parent / "shared" / "reference" / TSV_NAME, REPO / "shared" / "reference" / TSV_NAME]
-    if os.environ.get("INDEXTTS_REFERENCE_DIR"):
-        candidates.insert(0, Path(os.environ["INDEXTTS_REFERENCE_DIR"]) / TSV_NAME)
-    return next((p for p in candidates if p.exists()), None)
+def _reference_tsv() -> Path:
+    # The released checkpoint's key list (shared/reference/), shipped with the tests.
+    return REPO / "tests" / "data" / TSV_NAME
 
 
 def make_batch(cfg, *, B=3, Lt=10, T=24, Tc=40, seed=0):
@@ -62,10 +59,6 @@ def tiny():
 
 def test_indextts2_state_dict_matches_reference_tsv_key_for_key():
     tsv = _reference_tsv()
-    if tsv is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{TSV_NAME} not found beside the checkout (shared/reference/)")
-        pytest.skip(f"{TSV_NAME} not available (set INDEXTTS_REFERENCE_DIR)")
     ref = {}
     for line in tsv.read_text().splitlines():
         if line.startswith("#") or not line.strip():
