@@ -459,103 +459,11 @@ def probe_many(paths: Sequence[str], workers: int, progress: bool = True) -> lis
 # --------------------------------------------------------------------------------------------
 # Cleaning
 
-# XXH64 (https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md) constants.
-_P1 = np.uint64(0x9E3779B185EBCA87)
-_P2 = np.uint64(0xC2B2AE3D27D4EB4F)
-_P3 = np.uint64(0x165667B19E3779F9)
-_P4 = np.uint64(0x85EBCA77C2B2AE63)
-_P5 = np.uint64(0x27D4EB2F165667C5)
-_V1 = np.uint64((0x9E3779B185EBCA87 + 0xC2B2AE3D27D4EB4F) % 2**64)
-_V4 = np.uint64(-0x9E3779B185EBCA87 % 2**64)
-_LOW32 = np.uint64(0xFFFFFFFF)
-
-
-def _rotl_(x: np.ndarray, r: int, tmp: np.ndarray) -> np.ndarray:
-    """Rotate ``x`` left by ``r`` bits in place (``tmp``: scratch of the same shape)."""
-    np.right_shift(x, np.uint64(64 - r), out=tmp)
-    np.left_shift(x, np.uint64(r), out=x)
-    np.bitwise_or(x, tmp, out=x)
-    return x
-
-
-def _xxh_round_(acc: np.ndarray, lane: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """``acc = rotl(acc + lane * P2, 31) * P1``, in place."""
-    np.multiply(lane, _P2, out=tmp)
-    acc += tmp
-    _rotl_(acc, 31, tmp)
-    acc *= _P1
-    return acc
-
-
-def _xxh64_fixed(block: np.ndarray, length: int) -> np.ndarray:
-    """XXH64 (seed 0) of every row of ``block``: (m, length rounded up to 8) uint8, the bytes past
-    ``length`` zero. One length per call, so the spec's branches become plain column arithmetic,
-    done in place on a few (m,) arrays."""
-    lanes = block.view("<u8")
-    m = block.shape[0]
-    tmp, k = np.empty(m, np.uint64), np.empty(m, np.uint64)
-    i = 0
-    if length >= 32:
-        v = [np.full(m, _V1), np.full(m, _P2), np.zeros(m, np.uint64), np.full(m, _V4)]
-        for _ in range(length // 32):
-            for j in range(4):
-                _xxh_round_(v[j], lanes[:, i + j], tmp)
-            i += 4
-        h = np.zeros(m, np.uint64)
-        for j, r in enumerate((1, 7, 12, 18)):
-            k[:] = v[j]
-            h += _rotl_(k, r, tmp)
-        for j in range(4):
-            k[:] = 0
-            h ^= _xxh_round_(k, v[j], tmp)
-            h *= _P1
-            h += _P4
-    else:
-        h = np.full(m, _P5)
-    h += np.uint64(length)
-    rem = length - 8 * i
-    while rem >= 8:
-        k[:] = 0
-        h ^= _xxh_round_(k, lanes[:, i], tmp)
-        _rotl_(h, 27, tmp)
-        h *= _P1
-        h += _P4
-        i, rem = i + 1, rem - 8
-    b = 8 * i
-    if rem >= 4:
-        np.bitwise_and(lanes[:, i], _LOW32, out=k)
-        k *= _P1
-        h ^= k
-        _rotl_(h, 23, tmp)
-        h *= _P2
-        h += _P3
-        b, rem = b + 4, rem - 4
-    for _ in range(rem):
-        k[:] = block[:, b]
-        k *= _P5
-        h ^= k
-        _rotl_(h, 11, tmp)
-        h *= _P1
-        b += 1
-    for shift, prime in ((33, _P2), (29, _P3)):
-        np.right_shift(h, np.uint64(shift), out=tmp)
-        h ^= tmp
-        h *= prime
-    np.right_shift(h, np.uint64(32), out=tmp)
-    h ^= tmp
-    return h
-
-
-_HASH_SLICE = 1 << 16  # keys hashed per numpy pass: small enough to stay in cache
-
-
 def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
-    """XXH64 (seed 0) of the UTF-8 bytes of ``salt + key`` for every key, as ``uint64``.
+    """XXH64 (seed 0, the ``xxhash`` package) of the UTF-8 bytes of ``salt + key``, as ``uint64``.
 
-    The same on every machine, process and Python version (unlike ``hash()``), vectorised over
-    Arrow's string buffers (3M keys in a fraction of a second, where a Python loop of
-    ``hashlib`` calls takes seconds). Any XXH64 implementation reproduces it, e.g.
-    ``xxhash.xxh64_intdigest((salt + key).encode())``.
+    The same on every machine, process and Python version (unlike ``hash()``), and about 5x
+    cheaper per key than ``hashlib.blake2b`` (3M keys in about half a second).
 
     Args:
         keys: strings (a Python iterable or an Arrow string array); no nulls.
@@ -567,56 +475,18 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
     Raises:
         ValueError: a key is null.
     """
-    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
-        keys = pa.array(list(keys), type=pa.string())
-    if keys.null_count:
+    import xxhash
+
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        if keys.null_count:
+            raise ValueError("stable_hash64: keys must not be null")
+        keys = keys.to_pylist()
+    elif not isinstance(keys, list):
+        keys = list(keys)
+    if any(k is None for k in keys):
         raise ValueError("stable_hash64: keys must not be null")
-    if keys.type not in (pa.string(), pa.large_string()):
-        keys = keys.cast(pa.string())
-    out = np.empty(len(keys), dtype=np.uint64)
-    pos = 0
-    for chunk in keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]:
-        for a in range(0, len(chunk), _HASH_SLICE):
-            piece = chunk.slice(a, _HASH_SLICE)
-            if salt:
-                piece = pc.binary_join_element_wise(pa.scalar(salt, piece.type), piece, pa.scalar("", piece.type))
-            out[pos : pos + len(piece)] = _hash_strings(piece)
-            pos += len(piece)
-    return out
-
-
-def _hash_strings(arr: pa.Array) -> np.ndarray:
-    """XXH64 of each string of a (large_)string array without nulls."""
-    n = len(arr)
-    _, off_buf, data_buf = arr.buffers()
-    off_type = np.int64 if arr.type == pa.large_string() else np.int32
-    offsets = np.frombuffer(off_buf, dtype=off_type, count=n + 1, offset=arr.offset * np.dtype(off_type).itemsize).astype(np.int64)
-    base, end = int(offsets[0]), int(offsets[-1])
-    lengths = np.diff(offsets)
-    width = max(8, -(-int(lengths.max(initial=0)) // 8) * 8)
-    # Zero padding after the last key, so a fixed-width window starting at any key stays inside.
-    padded = np.zeros(end - base + width, dtype=np.uint8)
-    if end > base:
-        padded[: end - base] = np.frombuffer(data_buf, dtype=np.uint8, count=end - base, offset=base)
-    starts = offsets[:-1] - base
-    # Hash keys of one length together: each group is a (rows, width) byte matrix, cut from the
-    # buffer by a strided window view, and its lanes are columns of that matrix.
-    order = np.argsort(lengths.astype(np.uint16) if width < 2**16 else lengths, kind="stable")
-    sorted_len = lengths[order]
-    cuts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_len)) + 1, [n]))
-    out = np.empty(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            if a == b:
-                continue
-            length = int(sorted_len[a])
-            w = max(8, -(-length // 8) * 8)
-            window = np.lib.stride_tricks.as_strided(padded, shape=(len(padded) - w + 1, w), strides=(1, 1), writeable=False)
-            rows = order[a:b]
-            block = window[starts[rows]]
-            block[:, length:] = 0
-            out[rows] = _xxh64_fixed(block, length)
-    return out
+    digest, prefix = xxhash.xxh64_intdigest, salt.encode()
+    return np.fromiter((digest(prefix + k.encode()) for k in keys), dtype=np.uint64, count=len(keys))
 
 
 def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:

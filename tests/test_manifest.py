@@ -133,3 +133,15 @@ def test_split_is_deterministic_by_utt_id_and_salt(tmp_path):
 def test_probe_reports_missing_file(tmp_path):
     info = probe_audio(str(tmp_path / "none.wav"))
     assert info.reason == "missing_file"
+
+
+def test_stable_hash_is_xxh64_of_salt_and_key():
+    import pyarrow as pa
+
+    from indextts.manifest import stable_fraction, stable_hash64
+
+    # Published XXH64 (seed 0) values: "" and "a".
+    assert stable_hash64(["", "a"]).tolist() == [0xEF46DB3751D8E999, 0xD24EC4F1A98C6E5B]
+    assert stable_hash64(pa.array(["b"]), salt="a").tolist() == stable_hash64(["ab"]).tolist()
+    f = stable_fraction([f"utt{i}" for i in range(1000)])
+    assert ((f >= 0) & (f < 1)).all() and 0.4 < (f < 0.5).mean() < 0.6  # roughly uniform
