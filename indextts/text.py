@@ -12,6 +12,9 @@ Numbers are left as written: verbalising them is language-specific and belongs t
 
 from __future__ import annotations
 
+import functools
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +27,8 @@ from indextts.config import pairs
 _INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"
 # C0/C1 control characters (tab and newline are handled as whitespace first).
 _CONTROL = "[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]"
+# Whitespace variants that become a plain space.
+_SPACES = "[\t\n\r\u00a0\u2000-\u200a\u202f\u205f\u3000]"
 
 # Applied to every language: typographic variants that only fragment the vocabulary.
 _COMMON_MAP: tuple[tuple[str, str], ...] = (
@@ -77,6 +82,12 @@ def language_rules(language: str) -> tuple[tuple[str, str], ...]:
 def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Array | pa.ChunkedArray:
     """Normalise an Arrow string array; nulls stay null.
 
+    Each Arrow string kernel costs a pass over every row, so rows made only of printable ASCII
+    and characters that the Unicode steps (normal form, invisible, whitespace, control, common
+    map) cannot change -- nearly every row of a Ge'ez, Hangul or kana corpus -- skip those steps
+    and are lowercased with the ASCII kernel. The other rows take every step. Both routes give
+    exactly what the full sequence of steps gives (see :func:`_plain_class`).
+
     Args:
         texts: transcripts as an Arrow ``string``/``large_string`` array.
         cfg: the text section.
@@ -84,20 +95,88 @@ def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Ar
     Returns:
         An array of the same length with normalised text (possibly empty strings).
     """
-    out = pc.utf8_normalize(texts, form=cfg.unicode_form)
+    chunked = isinstance(texts, pa.ChunkedArray)
+    arr = (texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)) if chunked else texts
+    other = pc.fill_null(pc.match_substring_regex(arr, pattern=_plain_class(cfg.unicode_form)), False)
+    n_other = pc.sum(other).as_py() or 0
+    if n_other == 0:
+        out = _language_steps(arr, cfg, ascii_case=True)
+    elif n_other == len(arr):
+        out = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
+    else:
+        out = _language_steps(arr, cfg, ascii_case=True)
+        full = _language_steps(_unicode_steps(arr.filter(other), cfg), cfg, ascii_case=False)
+        out = pc.replace_with_mask(out, other, full.cast(out.type))
+    return pa.chunked_array([out], type=out.type) if chunked else out
+
+
+def _unicode_steps(out: pa.Array, cfg: TextConfig) -> pa.Array:
+    out = pc.utf8_normalize(out, form=cfg.unicode_form)
     out = pc.replace_substring_regex(out, pattern=_INVISIBLE, replacement="")
-    out = pc.replace_substring_regex(out, pattern="[\t\n\r\u00a0\u2000-\u200a\u202f\u205f\u3000]", replacement=" ")
+    out = pc.replace_substring_regex(out, pattern=_SPACES, replacement=" ")
     out = pc.replace_substring_regex(out, pattern=_CONTROL, replacement="")
     for src, dst in _COMMON_MAP:
         out = pc.replace_substring(out, pattern=src, replacement=dst)
+    return out
+
+
+def _language_steps(out: pa.Array, cfg: TextConfig, ascii_case: bool) -> pa.Array:
     for pattern, repl in language_rules(cfg.language):
-        out = pc.replace_substring_regex(out, pattern=pattern, replacement=repl)
+        if re.escape(pattern) == pattern and "\\" not in repl:  # a plain string: the literal kernel is ~5x faster
+            out = pc.replace_substring(out, pattern=pattern, replacement=repl)
+        else:
+            out = pc.replace_substring_regex(out, pattern=pattern, replacement=repl)
     for src, dst in pairs(cfg.punctuation_map):
         out = pc.replace_substring(out, pattern=src, replacement=dst)
     if cfg.lowercase:
-        out = pc.utf8_lower(out)
+        # ASCII lowercasing is exact for rows of plain characters unless a rule or the user's map
+        # wrote a cased non-ASCII letter into them.
+        written = "".join(r for _, r in language_rules(cfg.language)) + "".join(v for _, v in pairs(cfg.punctuation_map))
+        ascii_case = ascii_case and not any(ord(c) > 127 and _cased(c) for c in written)
+        out = pc.ascii_lower(out) if ascii_case else pc.utf8_lower(out)
     out = pc.replace_substring_regex(out, pattern=" {2,}", replacement=" ")
     return pc.utf8_trim_whitespace(out)
+
+
+def _cased(c: str) -> bool:
+    return c.lower() != c or c.upper() != c
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_class(form: str) -> str:
+    """An RE2 class matching any character that is not *plain* for ``form``.
+
+    Plain: printable ASCII, and BMP characters that are assigned, uncased, of combining class 0,
+    their own normal form, part of no canonical pair composition (nor Hangul jamo), and untouched
+    by the invisible, whitespace, control and common-map steps. A string of plain characters is
+    its own normal form (nothing decomposes, reorders or composes) and those steps leave it
+    alone, so skipping them is exact. Unassigned code points are left out because Arrow's
+    Unicode tables may be newer than Python's.
+    """
+    classes = [re.compile(c) for c in (_INVISIBLE, _SPACES, _CONTROL)]
+    mapped = {ord(a) for a, _ in _COMMON_MAP}
+    composing = set(range(0x1100, 0x1200)) | set(range(0xA960, 0xA980)) | set(range(0xD7B0, 0xD800))
+    for cp in range(0x80, 0x10000):
+        d = unicodedata.decomposition(chr(cp))
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            composing.update(int(x, 16) for x in d.split())
+    plain = []
+    for cp in range(0x20, 0x10000):
+        c = chr(cp)
+        if cp == 0x7F or 0xD800 <= cp < 0xE000 or cp in mapped or cp in composing:
+            continue
+        if unicodedata.category(c) == "Cn" or unicodedata.combining(c) or (cp > 0x7F and _cased(c)):
+            continue
+        if unicodedata.normalize(form, c) != c or any(r.fullmatch(c) for r in classes):
+            continue
+        plain.append(cp)
+    ranges: list[list[int]] = []
+    for cp in plain:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return "[^" + "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "]"
 
 
 def normalize_text(text: str, cfg: TextConfig) -> str:

@@ -51,3 +51,22 @@ def test_array_and_single_string_agree_and_nulls_survive():
 
 def test_bad_encoding_detected():
     assert has_bad_encoding(pa.array(["ok ሰላም", "bad\ufffd", "CafÃ©", "ok"])).to_pylist() == [False, True, True, False]
+
+
+def test_plain_row_shortcut_equals_every_step_on_mixed_text():
+    # normalize_array lets rows of "plain" characters skip the Unicode steps; the result must be
+    # exactly what running every step on every row gives.
+    import random
+
+    from indextts.text import _language_steps, _unicode_steps
+
+    rng = random.Random(0)
+    alphabet = list("abcXYZ 019.,;?!:'\"-\t") + [chr(c) for c in range(0x1200, 0x1260, 3)] + list(
+        "\u1361\u1362\u1363\u00a0\u200b\u201c\u201d\u2014\u00c9\u0301\u1100\u1161\u11ab한글ｶﾀカナ東\u0007\ufffd"
+    )
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    texts += ["ሰላም ነው።", "plain ascii only", None]
+    arr = pa.array(texts, type=pa.string())
+    for cfg in (AM, TextConfig(language="ko"), TextConfig(language="ja", unicode_form="NFKC"), TextConfig(language="am", lowercase=False, punctuation_map={"!": "።"})):
+        full = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
+        assert normalize_array(arr, cfg).to_pylist() == full.to_pylist(), cfg
