@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path
@@ -20,23 +19,15 @@ from indextts.checkpoint import (
     tensor_equal,
 )
 from indextts.files import sha256_file
+from tests import factories
 from indextts.model import build_model, model_config
 
 
 def make_bpe(path: Path, words: str, vocab_size: int = 60, seed: int = 0) -> Path:
-    """A tiny SentencePiece BPE with IndexTTS's special ids, trained on random word strings."""
-    import sentencepiece as spm
-
+    """A tiny BPE trained on random strings of ``words``."""
     rng = random.Random(seed)
     vocab = words.split()
-    lines = [" ".join(rng.choice(vocab) for _ in range(8)) for _ in range(300)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        bos_id=0, eos_id=1, unk_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    path.write_bytes(buf.getvalue())
-    return path
+    return factories.make_bpe(path, [" ".join(rng.choice(vocab) for _ in range(8)) for _ in range(300)], vocab_size)
 
 
 @pytest.fixture()

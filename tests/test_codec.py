@@ -27,17 +27,10 @@ with warnings.catch_warnings():
     import dac
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DAC's old weight_norm API
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Small convolutions gain nothing from intra-op threads, and on a busy 2-core machine their
-    # per-op barrier makes every op wait for a preempted thread. Restored for other modules.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # DAC's old weight_norm API
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")

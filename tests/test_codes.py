@@ -40,7 +40,10 @@ from indextts.codes import (
 )
 from indextts.files import sha256_file
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # DAC's old weight_norm API
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # DAC's old weight_norm API
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,16 +99,6 @@ def write_clean(root: Path, n: int = 14, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tiny codec gains nothing from intra-op threads, and on a busy 2-core machine their
-    # per-op barrier makes every op wait for a preempted thread. Restored for other modules.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ shapes.
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 
@@ -25,21 +24,10 @@ from indextts.model.transfer import (
     save_official,
     transfer_vocab,
 )
+from tests.factories import make_bpe
 
 # The released checkpoint's key list (a copy of shared/reference/), shipped with the tests.
 REFERENCE = Path(__file__).resolve().parent / "data" / "indextts2_gpt_state_dict.tsv"
-
-
-def make_bpe(path: Path, lines: list[str], vocab_size: int) -> Path:
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        bos_id=0, eos_id=1, unk_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    path.write_bytes(buf.getvalue())
-    return path
 
 
 def corpus(words: str, seed: int, n: int = 300) -> list[str]:
