@@ -2,7 +2,7 @@
 
 One item is one utterance of the code shards (``results/codes/shard-*.parquet``): its text is
 tokenised with the vocabulary (at load time, so a vocabulary change never reruns code extraction),
-its target codes are the first codebook, and its conditioning features are the log-mel of a
+its target codes are the first ``n_codebooks`` codebooks ``[K, T]``, and its conditioning features are the log-mel of a
 *reference* utterance: another utterance of the same speaker when there is one (so the model
 learns to take timbre from the prompt, not to copy it), else the utterance itself. The reference
 is drawn from ``(seed, epoch, index)``, so a run is reproducible and resumes exactly.
@@ -31,8 +31,8 @@ class DataError(ValueError):
 class Batch:
     """One padded batch. :meth:`inputs` gives the keyword arguments of ``UnifiedVoice.forward``.
 
-    Shapes: ``text_ids [B, Lt]`` (no start/stop; the model adds them), ``codes [B, Tm]`` (first
-    codebook), ``cond_feats [B, Tc, F]``, each with a ``[B]`` lengths tensor.
+    Shapes: ``text_ids [B, Lt]`` (no start/stop; the model adds them), ``codes [B, K, Tm]`` (the
+    first K codebooks), ``cond_feats [B, Tc, F]``, each with a ``[B]`` lengths tensor.
     """
 
     text_ids: torch.Tensor
@@ -91,7 +91,8 @@ class CodesDataset(torch.utils.data.Dataset):
         max_text_tokens: drop utterances with more text tokens (the model's position table).
         max_code_frames: drop utterances with more code frames.
         max_ref_seconds: crop reference audio to at most this long (a random, seeded window).
-        codebook: which codebook is the target (0: the first, as in IndexTTS2).
+        n_codebooks: how many codebooks are the target, the first K of the shard's ``n_q``
+            (1: the first only, as in IndexTTS2).
 
     Raises:
         DataError: no shards, a split that cannot be determined, or nothing left after filtering.
@@ -109,7 +110,7 @@ class CodesDataset(torch.utils.data.Dataset):
         max_text_tokens: int | None = None,
         max_code_frames: int | None = None,
         max_ref_seconds: float = 6.0,
-        codebook: int = 0,
+        n_codebooks: int = 1,
     ) -> None:
         import pandas as pd
         import sentencepiece as spm
@@ -121,9 +122,18 @@ class CodesDataset(torch.utils.data.Dataset):
         self.features = features
         self.seed = seed
         self.epoch = 0
-        self.codebook = codebook
+        if n_codebooks < 1:
+            raise DataError(f"n_codebooks must be at least 1, got {n_codebooks}")
+        self.n_codebooks = n_codebooks
         self.max_ref_samples = int(max_ref_seconds * features.sample_rate)
         self._shards = [read_shard_codes(Path(p)) for p in shards]
+        for sh in self._shards:
+            if sh.n_q < n_codebooks:
+                raise DataError(
+                    f"{sh.path}: holds {sh.n_q} codebooks (codec {sh.codec.get('weights', '?')}), but "
+                    f"{n_codebooks} were asked for; set model.n_codebooks to at most {sh.n_q} or re-extract "
+                    "the codes with more quantizers (codec.n_quantizers)"
+                )
         metas = []
         for s, sh in enumerate(self._shards):
             m = sh.meta.copy()
@@ -218,13 +228,11 @@ class CodesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.meta.iloc[i]
         codes = self._shards[int(row["_shard"])].codes(int(row["_row"]))
-        if self.codebook >= codes.shape[0]:
-            raise DataError(f"utt {row['utt_id']}: codebook {self.codebook} asked for, the shard has {codes.shape[0]}")
         return {
             "utt_id": str(row["utt_id"]),
             "speaker": str(row["speaker"]),
             "text_ids": torch.from_numpy(self.text_ids(i).astype(np.int64)),
-            "codes": torch.from_numpy(codes[self.codebook].astype(np.int64)),
+            "codes": torch.from_numpy(codes[: self.n_codebooks].astype(np.int64)),  # (K, T)
             "cond_feats": self.reference_features(i),
         }
 
@@ -241,7 +249,9 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
     """Pad items of :class:`CodesDataset` into a :class:`Batch` (padding values are 0; the model
     masks by the lengths)."""
     text, text_len = _pad([it["text_ids"] for it in items])
-    codes, code_len = _pad([it["codes"] for it in items])
+    # codes are (K, T): pad along time, then put the codebook axis back in the middle.
+    codes, code_len = _pad([it["codes"].transpose(0, 1) for it in items])
+    codes = codes.transpose(1, 2).contiguous()  # (B, K, T)
     cond, cond_len = _pad([it["cond_feats"] for it in items], 0.0)
     return Batch(
         text_ids=text,

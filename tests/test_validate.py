@@ -194,12 +194,12 @@ def test_dataset_references_batches_and_collate(corpus) -> None:
     batch = collate([ds[i] for i in batches[0]])
     B = len(batches[0])
     assert batch.text_ids.shape[0] == B and batch.text_ids.dtype == torch.long
-    assert batch.codes.shape == (B, int(batch.code_lengths.max()))
+    assert batch.codes.shape == (B, 1, int(batch.code_lengths.max()))
     assert batch.cond_feats.shape == (B, int(batch.cond_lengths.max()), 32)
     assert int(batch.cond_lengths.max()) <= 0.5 * SR // feats.hop_length + 1  # cropped to 0.5 s
     item = ds[0]
     shard_codes = pq.read_table(corpus["shard"]).to_pylist()
     row = next(r for r in shard_codes if r["utt_id"] == item["utt_id"])
-    assert item["codes"].tolist() == row["codes"][: row["n_frames"]]  # first codebook
+    assert item["codes"].tolist() == [row["codes"][: row["n_frames"]]]  # first codebook, (1, T)
     ranks = [BucketBatchSampler(ds.lengths, 1, seed=0, rank=r, world_size=2).batches() for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3 and not {b[0] for b in ranks[0]} & {b[0] for b in ranks[1]}

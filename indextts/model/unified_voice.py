@@ -222,6 +222,8 @@ class UnifiedVoice(nn.Module):
             ValueError: inconsistent shapes, sequences longer than the position tables, or (for
                 CPU tensors) ids outside the vocabularies.
         """
+        if codes.ndim == 3 and codes.shape[1] == 1:  # [B, 1, T]: one codebook (the data layout)
+            codes = codes[:, 0]
         self._check(text_ids, text_lengths, codes, code_lengths, cond_feats, cond_lengths)
         if emo_feats is None:
             emo_feats, emo_lengths = cond_feats, cond_lengths
