@@ -180,6 +180,21 @@ def load_config_arg(arg: str) -> dict[str, Any]:
     return data
 
 
+def merge_runtime(config: Mapping[str, Any], runtime: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` with the runtime knobs of ``runtime`` (``{section: {key: value}}``) laid over it.
+
+    Rules keep knobs that cannot change a result out of ``--config`` (their ``params``, so
+    changing one reruns nothing) and pass them as ``--runtime``; this puts them back.
+    """
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for section, values in (runtime or {}).items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"--runtime: section {section!r} must be a mapping, got {values!r}")
+        out.setdefault(section, {})
+        out[section] = {**(out[section] or {}), **values}
+    return out
+
+
 def get_section(cls: type[T], config: Mapping[str, Any], name: str) -> T:
     """Parse ``config[name]`` into ``cls`` (all defaults when the section is absent)."""
     return parse_section(cls, config.get(name), name)

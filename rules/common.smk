@@ -13,11 +13,36 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_defa
 PKG = Path(workflow.basedir) / "indextts"
 
 
+# Knobs that cannot change a result (worker counts, speed-only batching, logging, progress):
+# kept out of params so changing them reruns nothing. Rules hand them to the CLI as
+# ``--runtime {RUNTIME:q}``; the library merges them back onto --config.
+RUNTIME_KEYS = {
+    "train": ("num_workers", "log_every", "progress"),
+}
+
+
 def stage_config(*sections):
-    """The config sections a stage reads, as compact JSON. Rules pass it as ``params.cfg`` and
-    on to ``indextts <command> --config``, so a change to any value a stage reads, and only
-    those, reruns it."""
-    return json.dumps({s: config.get(s, {}) for s in sections}, sort_keys=True, separators=(",", ":"))
+    """The config sections a stage reads, less RUNTIME_KEYS, as compact JSON. Rules pass it as
+    ``params.cfg`` and on to ``indextts <command> --config``, so a change to any value a stage
+    reads, and only those, reruns it."""
+    out = {}
+    for s in sections:
+        skip = RUNTIME_KEYS.get(s, ())
+        out[s] = {k: v for k, v in (config.get(s) or {}).items() if k not in skip}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def runtime_config():
+    """The RUNTIME_KEYS values of every section, as compact JSON (see RUNTIME)."""
+    out = {
+        s: {k: config[s][k] for k in keys if k in (config.get(s) or {})}
+        for s, keys in RUNTIME_KEYS.items()
+    }
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+# A plain global, so shell commands can name it: its value is not a rerun trigger.
+RUNTIME = runtime_config()
 
 
 def code_id(*modules):
