@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-codes": ("indextts.codes", "encode one shard of the clean manifest into DAC codes"),
     "index-codes": ("indextts.codes", "index the code shards and check frame counts"),
     "validate": ("indextts.validate", "check data, vocab and model end to end before training"),
-    "import-gpt": ("indextts.model.transfer", "import an official gpt.pth into our checkpoint format"),
-    "export-gpt": ("indextts.model.transfer", "export a checkpoint to the official gpt.pth layout"),
+    "import-gpt": ("indextts.pretrained", "import an official gpt.pth into our checkpoint format"),
+    "export-gpt": ("indextts.pretrained", "export a checkpoint to the official gpt.pth layout"),
 }
 
 

@@ -676,6 +676,32 @@ def shard_paths(index_json: str | Path) -> list[Path]:
     return [index_json.parent / s["path"] for s in index["shards"]]
 
 
+def _index_codec_field(codes_index: str | Path, key: str) -> int:
+    path = Path(codes_index)
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["codec"][key])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read codec.{key} from the codes index ({e}); rerun index_codes") from e
+
+
+def codebook_size(codes_index: str | Path) -> int:
+    """The codec's codebook size recorded in the codes index (what the codes were made with).
+
+    Raises:
+        ValueError: the index is unreadable or records no codebook size.
+    """
+    return _index_codec_field(codes_index, "codebook_size")
+
+
+def codes_n_q(codes_index: str | Path) -> int:
+    """How many codebooks every shard of the codes index holds (the index's ``codec.n_q``).
+
+    Raises:
+        ValueError: the index is unreadable or records no ``n_q``.
+    """
+    return _index_codec_field(codes_index, "n_q")
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 

@@ -217,7 +217,7 @@ SECTIONS: dict[str, str] = {
     "codec": "indextts.codec:CodecConfig",
     "codes": "indextts.codes:CodesConfig",
     "model": "indextts.model.config:ModelSection",
-    "pretrained": "indextts.model.transfer:PretrainedConfig",
+    "pretrained": "indextts.pretrained:PretrainedConfig",
     "validate": "indextts.validate:ValidateConfig",
 }
 

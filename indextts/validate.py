@@ -199,21 +199,6 @@ def check_vocab(bpe_path: Path, clean_path: Path, *, max_unk_ratio: float, max_t
     return numbers
 
 
-def codebook_size(codes_index: str | Path) -> int:
-    """The codec's codebook size recorded in the codes index (what the codes were made with).
-
-    Raises:
-        ValueError: the index is unreadable or records no codebook size.
-    """
-    import json
-
-    path = Path(codes_index)
-    try:
-        return int(json.loads(path.read_text(encoding="utf-8"))["codec"]["codebook_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read codec.codebook_size from the codes index ({e}); rerun index_codes") from e
-
-
 def check_codes(codes_index: Path, clean_path: Path, *, n_codes: int) -> dict[str, Any]:
     """Every shard of the index reads back; codes within the codebook; utt_ids known."""
     import numpy as np
@@ -386,7 +371,7 @@ def validate_pipeline(
     Raises:
         ValidationFailed: a check failed; the message names each failed check.
     """
-    from indextts.model.transfer import PretrainedConfig
+    from indextts.pretrained import PretrainedConfig
     from indextts.vocab import VocabConfig
 
     vcfg = get_section(ValidateConfig, config, "validate")
@@ -426,6 +411,8 @@ def validate_pipeline(
                                                     max_texts=vcfg.max_unk_texts, seed=vcfg.seed))
 
     def codes() -> dict[str, Any]:
+        from indextts.codes import codebook_size
+
         state["n_codes"] = codebook_size(codes_index)
         return check_codes(codes_index, clean_path, n_codes=state["n_codes"])
 

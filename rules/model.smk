@@ -18,7 +18,9 @@ rule validate_pipeline:
         report=f"{RESULTS}/validate/report.json",
     params:
         cfg=stage_config("text", "vocab", "codec", "codes", "model", "pretrained", "validate"),
-        code=code_id("validate", "data", "checkpoint", "features", "model/", "codes", *CORE),
+        code=code_id(
+            "validate", "pretrained", "data", "checkpoint", "features", "model/", "codes", *CORE
+        ),
     log:
         f"{LOGS}/validate/validate.log",
     threads: 2

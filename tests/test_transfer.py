@@ -18,12 +18,12 @@ from indextts.model import build_model, model_config
 from indextts.model.transfer import (
     TransferError,
     export_official,
-    import_checkpoint,
     import_official,
     load_official_state_dict,
     save_official,
     transfer_vocab,
 )
+from indextts.pretrained import import_checkpoint
 from tests.factories import make_bpe
 
 # The released checkpoint's key list (a copy of shared/reference/), shipped with the tests.
@@ -261,7 +261,7 @@ def test_import_gpt_cli_writes_a_checkpoint_and_report(tmp_path: Path, vocabs) -
     import json
 
     from indextts.checkpoint import load_checkpoint
-    from indextts.model.transfer import cli_export_gpt, cli_import_gpt
+    from indextts.pretrained import cli_export_gpt, cli_import_gpt
 
     old_path, new_path, old_sp, _ = vocabs
     path = official_file(tmp_path, tiny(seed=1, number_text_tokens=old_sp.get_piece_size()))
@@ -281,3 +281,20 @@ def test_import_gpt_cli_writes_a_checkpoint_and_report(tmp_path: Path, vocabs) -
     # the checkpoint's vocabulary is checked on export too
     assert cli_export_gpt(["--checkpoint", str(out), "--bpe", str(old_path), "--out", str(tmp_path / "x.pth")]) == 1
     assert import_checkpoint  # the library entry the CLI wraps
+
+
+def test_model_package_reaches_no_pipeline_module() -> None:
+    """indextts/model/ holds modules and the state-dict mapping; commands, checkpoints, codecs and
+    the validate gate import it, never the other way round (no import circle)."""
+    import ast
+
+    allowed = ("indextts.model", "indextts.config", "indextts.features", "indextts.files")
+    found = {}
+    for path in sorted((REFERENCE.parents[2] / "indextts" / "model").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("indextts") and not name.startswith(allowed):
+                    found.setdefault(path.name, []).append(name)
+    assert found == {}

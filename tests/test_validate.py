@@ -203,3 +203,13 @@ def test_dataset_references_batches_and_collate(corpus) -> None:
     assert item["codes"].tolist() == [row["codes"][: row["n_frames"]]]  # first codebook, (1, T)
     ranks = [BucketBatchSampler(ds.lengths, 1, seed=0, rank=r, world_size=2).batches() for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3 and not {b[0] for b in ranks[0]} & {b[0] for b in ranks[1]}
+
+
+def test_codes_index_sizes_are_read_from_the_index(corpus, tmp_path: Path) -> None:
+    from indextts.codes import codebook_size, codes_n_q
+
+    assert (codebook_size(corpus["index"]), codes_n_q(corpus["index"])) == (CODEBOOK, N_Q)
+    broken = tmp_path / "index.json"
+    broken.write_text(json.dumps({"codec": {"codebook_size": CODEBOOK}}))
+    with pytest.raises(ValueError, match=r"index.json: cannot read codec.n_q .*rerun index_codes"):
+        codes_n_q(broken)
