@@ -8,13 +8,15 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := espeak-ng sox
+# What tests/test_slurm.py needs for its one-node SLURM (daemons started by the test itself).
+TEST_DEB_PACKAGES := slurm-wlm munge
 # Root installs Debian packages directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-deps lint format clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,11 +36,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --resources gpu=1 $(SNAKEMAKE_ARGS)
 
-test: $(STAMP)
+# The house conventions first (snakefmt, snakemake --lint), so CI fails on a regression; then
+# the suite, SLURM test included.
+test: lint test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
+test-deps:
+	@missing=""; for p in $(TEST_DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# Rule files formatted by snakefmt and no `snakemake --lint` warnings (`make format` fixes the first).
 lint: $(STAMP)
+	$(BIN)/snakefmt --check Snakefile rules/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint
+
+format: $(STAMP)
+	$(BIN)/snakefmt Snakefile rules/
 
 clean:
 	rm -rf results logs .snakemake
