@@ -354,6 +354,55 @@ def encode_batch(
     return [codes[i, :, : math.ceil(n / hop)] for i, n in enumerate(lengths)]
 
 
+@torch.inference_mode()
+def decode_codes(model: torch.nn.Module, codes: torch.Tensor, *, n_codebooks_ok: bool = False) -> torch.Tensor:
+    """Turn codes back into audio through the pipeline's DAC: ``decode(quantizer.from_codes(codes))``.
+
+    Args:
+        model: a DAC model (from :func:`load_codec`).
+        codes: ``[K, T]`` or ``[B, K, T]`` integer codes, undelayed (what
+            ``UnifiedVoice.generate_codes`` returns, cut to a row's length), the first K
+            codebooks of the codec.
+        n_codebooks_ok: allow K below the codec's codebook count. DAC's ``from_codes`` then sums
+            only the K given, as if the finer residual codebooks were zero; that is a muffled
+            approximation, so it is refused unless asked for, and logged when it happens.
+
+    Returns:
+        float32 audio at ``model.sample_rate`` on the model's device: ``[T * hop]`` for ``[K, T]``
+        codes, ``[B, T * hop]`` for a batch.
+
+    Raises:
+        ValueError: a shape other than ``[K, T]`` / ``[B, K, T]``, more codebooks than the codec
+            has, fewer without ``n_codebooks_ok``, or a code outside ``[0, codebook_size)``.
+    """
+    if codes.ndim not in (2, 3) or codes.is_floating_point():
+        raise ValueError(f"decode_codes: expected integer codes [K, T] or [B, K, T], got {codes.dtype} {tuple(codes.shape)}")
+    batch = codes if codes.ndim == 3 else codes[None]
+    have, size = int(model.n_codebooks), int(model.codebook_size)
+    k = batch.shape[1]
+    if k > have:
+        raise ValueError(f"decode_codes: {k} codebooks given, the codec has {have}; were these codes made by another codec?")
+    if k < have:
+        if not n_codebooks_ok:
+            raise ValueError(
+                f"decode_codes: {k} of the codec's {have} codebooks given; decoding would treat the other {have - k} "
+                "as zero (a muffled approximation). Pass n_codebooks_ok=True if that is what you want."
+            )
+        print(f"decode_codes: decoding {k} of {have} codebooks; codebooks {k}..{have - 1} contribute nothing",
+              file=sys.stderr)
+    if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= size):
+        raise ValueError(
+            f"decode_codes: codes must lie in [0, {size}), got {int(batch.min())}..{int(batch.max())} "
+            "(start/stop ids are not codes: cut each row to its length)"
+        )
+    device = next(model.parameters()).device
+    with exact_fp32():
+        z, *_ = model.quantizer.from_codes(batch.to(device=device, dtype=torch.long))
+        audio = model.decode(z)  # (B, 1, T * hop)
+    audio = audio[:, 0].float()
+    return audio if codes.ndim == 3 else audio[0]
+
+
 def make_demo_codec(output: str | Path, seed: int = 0, sample_rate: int = 16000) -> Path:
     """Write the demo's tiny randomly initialised DAC through DAC's own ``save``.
 

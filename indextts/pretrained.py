@@ -40,6 +40,7 @@ def import_checkpoint(
     config: Mapping[str, Any],
     bpe_path: str | Path,
     codebook_size: int,
+    codes_n_q: int | None = None,
     old_bpe: str | Path | None = None,
     seed: int = 0,
 ) -> tuple[Path, TransferReport]:
@@ -54,6 +55,9 @@ def import_checkpoint(
         config: config sections ``model`` (required), ``text`` and ``codec`` (recorded).
         bpe_path: our vocabulary.
         codebook_size: the codec's codebook size (mel vocabulary = size + 2).
+        codes_n_q: codebooks the codes hold, what ``model.n_codebooks: null`` resolves to (None:
+            one codebook unless the section sets it). With more than one, the extra codebooks'
+            tables and heads start fresh and the report lists them.
         old_bpe: the official ``bpe.model``, for transfer by piece string.
         seed: initialisation seed of the parts that do not load.
 
@@ -65,7 +69,8 @@ def import_checkpoint(
     sp = spm.SentencePieceProcessor()
     sp.Load(str(bpe_path))
     section = get_section(ModelSection, config, "model")
-    cfg = section.model_config(number_text_tokens=sp.get_piece_size(), number_mel_codes=mel_vocab_size(codebook_size))
+    cfg = section.model_config(number_text_tokens=sp.get_piece_size(), number_mel_codes=mel_vocab_size(codebook_size),
+                               codes_n_q=codes_n_q)
     torch.manual_seed(seed)
     model = build_model(cfg)
     report = import_official(
@@ -98,8 +103,8 @@ def cli_import_gpt(argv: list[str]) -> int:
     p.add_argument("--old-bpe", help="the official bpe.model, so text rows move by piece string (default: pretrained.bpe)")
     p.add_argument("--bpe", required=True, help="our bpe.model")
     p.add_argument("--config", required=True, help="config file or inline JSON with the model/text/codec sections")
-    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: --codes-index, else the codec section)")
-    p.add_argument("--codes-index", help="results/codes/index.json, to take the codebook size the codes were made with")
+    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: --codes-index, else the codec section's weights)")
+    p.add_argument("--codes-index", help="results/codes/index.json, to take the codebook size and count the codes were made with")
     p.add_argument("--out-dir", required=True, help="checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of what does not load")
     a = p.parse_args(argv)
@@ -109,16 +114,22 @@ def cli_import_gpt(argv: list[str]) -> int:
     if not gpt:
         raise ConfigError("pretrained.gpt: no official gpt.pth given (use --gpt or set pretrained.gpt)")
     try:
-        if a.codebook_size is not None:
-            size = a.codebook_size
-        elif a.codes_index:
-            from indextts.codes import codebook_size
+        if a.codes_index:
+            from indextts.codes import codebook_size, codes_n_q
 
-            size = codebook_size(a.codes_index)
+            size, n_q = codebook_size(a.codes_index), codes_n_q(a.codes_index)
+        elif config.get("codec"):
+            info = codec_info_from_config(config)
+            size, n_q = info.codebook_size, info.n_q
         else:
-            size = codebook_size_from_config(config)
+            size, n_q = None, None  # model.n_codebooks null then means one codebook
+        size = a.codebook_size if a.codebook_size is not None else size
+        if size is None:
+            raise TransferError("nothing gives the codec's codebook size: pass --codes-index or --codebook-size, "
+                                "or a config with codec.weights")
         out, report = import_checkpoint(
-            gpt, a.out_dir, config=config, bpe_path=a.bpe, codebook_size=size, old_bpe=old_bpe, seed=a.seed
+            gpt, a.out_dir, config=config, bpe_path=a.bpe, codebook_size=size, codes_n_q=n_q, old_bpe=old_bpe,
+            seed=a.seed,
         )
     except ConfigError:
         raise  # the CLI reports config errors itself (exit 2)
@@ -150,12 +161,13 @@ def cli_export_gpt(argv: list[str]) -> int:
     return 0
 
 
-def codebook_size_from_config(config: Mapping[str, Any]) -> int:
-    """The codec's codebook size, read from the DAC weights named in the ``codec`` section."""
+def codec_info_from_config(config: Mapping[str, Any]):
+    """The :class:`~indextts.codec.CodecInfo` (codebook size, codebooks kept ...) of the DAC weights
+    named in the ``codec`` section."""
     from indextts.codec import CodecConfig, load_codec
 
     if not config.get("codec"):
         raise TransferError("the config has no codec section: pass --codebook-size, or a config with codec.weights")
     codec = get_section(CodecConfig, config, "codec")
     _, info = load_codec(codec.weights, device="cpu", n_quantizers=codec.n_quantizers)
-    return info.codebook_size
+    return info

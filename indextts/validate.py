@@ -10,9 +10,10 @@ numbers into ``results/validate/report.json``:
    ``vocab.max_unk_ratio``.
 3. ``codes``: the shards of the codes index read back, codes lie inside the codebook, every
    utt_id is in the clean manifest.
-4. ``batch``: the model of the ``model`` section (with the pretrained import when configured)
-   runs forward and backward on one real batch from the shards; the loss and every gradient are
-   finite.
+4. ``batch``: the model of the ``model`` section (with the pretrained import when configured,
+   and ``model.n_codebooks`` resolved against the codebooks the codes hold) runs forward and
+   backward on one real batch from the shards; the loss, each codebook's loss and every gradient
+   are finite.
 5. ``checkpoint``: that model saved and loaded back gives equal tensors.
 
 A check whose inputs failed is reported as skipped. Any failure exits non-zero naming it.
@@ -256,7 +257,8 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
     import sentencepiece as spm
     import torch
 
-    from indextts.codes import shard_paths
+    from indextts.codes import codes_n_q, shard_paths
+    from indextts.config import ConfigError
     from indextts.data import BucketBatchSampler, CodesDataset, collate
     from indextts.model import build_model
     from indextts.model.config import ModelSection, mel_vocab_size
@@ -264,8 +266,13 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
     sp = spm.SentencePieceProcessor()
     sp.Load(str(bpe_path))
     section = get_section(ModelSection, config, "model")
-    cfg = section.model_config(number_text_tokens=sp.get_piece_size(), number_mel_codes=mel_vocab_size(n_codes))
-    numbers: dict[str, Any] = {"preset": cfg.preset}
+    n_q = codes_n_q(codes_index)
+    try:
+        cfg = section.model_config(number_text_tokens=sp.get_piece_size(), number_mel_codes=mel_vocab_size(n_codes),
+                                   codes_n_q=n_q)
+    except ConfigError as e:
+        raise _Fail(f"{codes_index}: {e}", {"codes_n_q": n_q, "n_codebooks": section.n_codebooks}) from e
+    numbers: dict[str, Any] = {"preset": cfg.preset, "n_codebooks": cfg.n_codebooks, "codes_n_q": n_q}
     if cfg.features.kind != "log_mel":
         raise _Fail(
             f"model features.kind is {cfg.features.kind!r}: the data loader computes log-mel conditioning "
@@ -285,7 +292,8 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
         print(rep.summary())
     ds = CodesDataset(shard_paths(codes_index), bpe_path=bpe_path, features=cfg.features, split=vcfg.split,
                       clean_path=clean_path, seed=vcfg.seed, max_text_tokens=cfg.max_text_tokens,
-                      max_code_frames=cfg.max_mel_tokens, max_ref_seconds=vcfg.max_ref_seconds)
+                      max_code_frames=cfg.max_code_frames, max_ref_seconds=vcfg.max_ref_seconds,
+                      n_codebooks=cfg.n_codebooks)
     numbers["dataset"] = {"utterances": len(ds), "dropped": ds.dropped}
     first = BucketBatchSampler(ds.lengths, vcfg.batch_size, seed=vcfg.seed).batches()[0]
     batch = collate([ds[i] for i in first])
@@ -305,6 +313,7 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
         batch={"utterances": len(first), "text_ids": list(batch.text_ids.shape), "codes": list(batch.codes.shape),
                "cond_feats": list(batch.cond_feats.shape)},
         loss=float(out.loss.detach()), text_loss=float(out.text_loss.detach()), mel_loss=float(out.mel_loss.detach()),
+        mel_losses=[round(float(x), 6) for x in out.mel_losses.detach()],
         grad_norm=norm, params_without_grad=len(no_grad),
     )
     model.zero_grad(set_to_none=True)  # the round trip needs the weights only
@@ -312,6 +321,9 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
     problems = []
     if not math.isfinite(numbers["loss"]):
         problems.append(f"loss is {numbers['loss']}")
+    bad_cb = [k for k, x in enumerate(numbers["mel_losses"]) if not math.isfinite(x)]
+    if bad_cb:
+        problems.append(f"the code loss of codebook(s) {bad_cb} is not finite")
     if bad:
         problems.append(f"{len(bad)} parameters have non-finite gradients (first: {bad[0]})")
     if not math.isfinite(norm):

@@ -233,9 +233,9 @@ def test_generate_codes_matches_teacher_forcing(tiny):
     codes, lengths = tiny.generate_codes(text, b["cond_feats"], b["cond_lengths"], max_new_tokens=12,
                                          temperature=0)
     n = int(lengths[0])
-    assert codes.shape[0] == 1 and 0 < n <= 12 and codes.shape[1] == n
+    assert 0 < n <= 12 and codes.shape == (1, 1, n)  # [B, K, T], K = 1
     out = tiny(text, torch.tensor([6]), codes, lengths, b["cond_feats"], b["cond_lengths"])
-    assert out.mel_logits[0, :n].argmax(-1).tolist() == codes[0].tolist()
+    assert out.mel_logits[0, 0, :n].argmax(-1).tolist() == codes[0, 0].tolist()
 
 
 # --- stage 2 pieces and freezing --------------------------------------------------------------
@@ -360,3 +360,29 @@ def test_load_audio_downmixes_and_resamples(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     with pytest.raises(ValueError, match="bad.wav"):
         load_audio(tmp_path / "bad.wav", 16000)
+
+
+def test_model_section_resolves_n_codebooks_against_the_codes():
+    section = parse_section(ModelSection, {"preset": "tiny"}, "model")  # n_codebooks: null
+    sizes = dict(number_text_tokens=300, number_mel_codes=66)
+    assert section.model_config(**sizes, codes_n_q=12).n_codebooks == 12  # null: all the codes hold
+    assert section.model_config(**sizes).n_codebooks == 1  # nothing known about the codes: one stream
+    three = parse_section(ModelSection, {"n_codebooks": 3}, "model")
+    assert three.model_config(**sizes, codes_n_q=12).n_codebooks == 3
+    assert three.model_config(**sizes).n_codebooks == 3
+    with pytest.raises(ConfigError, match=r"model.n_codebooks: 3 asked for, but the codes hold 2 codebooks"):
+        three.model_config(**sizes, codes_n_q=2)
+    with pytest.raises(ConfigError, match=r"model.overrides.n_codebooks: not allowed here \(set model.n_codebooks\)"):
+        parse_section(ModelSection, {"overrides": {"n_codebooks": 2}}, "model").model_config(**sizes)
+    with pytest.raises(ConfigError, match="n_codebooks must be positive"):
+        model_config("tiny", n_codebooks=0)
+    cfg = model_config("tiny", n_codebooks=3)
+    assert cfg.max_code_frames == cfg.max_mel_tokens - 2 and cfg.seq_len(10, 20) == model_config("tiny").seq_len(10, 22)
+
+
+def test_flops_count_every_code_head():
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", n_codebooks=3))
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if name.split(".")[0] in {"gpt", "final_norm", "mel_head", "extra_mel_head"})
+    assert per_token_params(model.cfg) == n

@@ -298,3 +298,46 @@ def test_model_package_reaches_no_pipeline_module() -> None:
                 if name.startswith("indextts") and not name.startswith(allowed):
                     found.setdefault(path.name, []).append(name)
     assert found == {}
+
+
+def test_import_into_a_delay_pattern_model_reinitialises_only_the_extra_codebooks(tmp_path: Path) -> None:
+    source = tiny(seed=1)
+    path = official_file(tmp_path, source)
+    target = tiny(seed=2, n_codebooks=3)
+    report = import_official(path, target)
+    assert set(report.loaded) == set(source.state_dict())  # everything shared, codebook 0 included
+    assert sorted(report.reinitialised) == sorted(k for k in target.state_dict() if k.startswith("extra_mel_"))
+    assert len(report.reinitialised) == 6
+    assert "codebook 2 of the delay pattern" in report.reinitialised["extra_mel_head.cb2.weight"]
+    assert "re-initialised extra_mel_embedding.cb1.weight: codebook 1" in report.summary()
+    assert torch.equal(target.mel_head.weight, source.mel_head.weight)
+
+
+def test_export_of_a_delay_pattern_model_is_refused_with_the_alternative(tmp_path: Path) -> None:
+    model = tiny(seed=1, n_codebooks=3)
+    with pytest.raises(TransferError, match=r"predicts 3 codebooks.*reads one code stream.*checkpoint folder"):
+        export_official(model)
+    with pytest.raises(TransferError, match="predicts 3 codebooks"):
+        save_official(model, tmp_path / "gpt.pth")
+    assert not (tmp_path / "gpt.pth").exists()
+
+
+def test_import_gpt_cli_takes_the_codebook_count_from_the_codes_index(tmp_path: Path, vocabs) -> None:
+    import json
+
+    from indextts.checkpoint import read_meta
+    from indextts.pretrained import cli_export_gpt, cli_import_gpt
+
+    _, new_path, _, new_sp = vocabs
+    path = official_file(tmp_path, tiny(seed=1, number_text_tokens=new_sp.get_piece_size()))
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"codec": {"codebook_size": 64, "n_q": 3}}))
+    cfg = json.dumps({"model": {"preset": "tiny", "n_codebooks": None}})
+    out = tmp_path / "ckpt"
+    assert cli_import_gpt(["--gpt", str(path), "--bpe", str(new_path), "--config", cfg, "--codes-index", str(index),
+                           "--out-dir", str(out)]) == 0
+    assert read_meta(out)["model"]["n_codebooks"] == 3  # recorded in model.json
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["counts"]["reinitialised"] == 6 and all(k.startswith("extra_mel_") for k in report["reinitialised"])
+    assert cli_export_gpt(["--checkpoint", str(out), "--bpe", str(new_path), "--out", str(tmp_path / "x.pth")]) == 1
+    assert not (tmp_path / "x.pth").exists()

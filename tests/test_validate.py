@@ -123,7 +123,9 @@ def test_validate_imports_a_pretrained_gpt(corpus, tmp_path: Path) -> None:
     official = save_official(build_model(cfg), tmp_path / "gpt.pth")
     out = run(corpus, tmp_path / "report.json", pretrained_gpt=official)
     batch = {c["name"]: c for c in json.loads(out.read_text())["checks"]}["batch"]["numbers"]
-    assert batch["pretrained"]["reinitialised"] == 3 and batch["pretrained"]["loaded"] > 50
+    # 3: mel_embedding/mel_head of another codec; 3 more: codebook 1's table and head (the corpus
+    # holds N_Q = 2 codebooks and model.n_codebooks is null: all of them)
+    assert batch["pretrained"]["reinitialised"] == 3 + 3 and batch["pretrained"]["loaded"] > 50
 
 
 def test_a_failing_check_is_named_and_dependents_are_skipped(corpus, tmp_path: Path, capsys) -> None:
@@ -213,3 +215,29 @@ def test_codes_index_sizes_are_read_from_the_index(corpus, tmp_path: Path) -> No
     broken.write_text(json.dumps({"codec": {"codebook_size": CODEBOOK}}))
     with pytest.raises(ValueError, match=r"index.json: cannot read codec.n_q .*rerun index_codes"):
         codes_n_q(broken)
+
+
+def test_validate_trains_every_codebook_the_codes_hold(corpus, tmp_path: Path) -> None:
+    out = run(corpus, tmp_path / "report.json")  # CONFIG leaves model.n_codebooks null
+    batch = {c["name"]: c for c in json.loads(out.read_text())["checks"]}["batch"]["numbers"]
+    assert (batch["n_codebooks"], batch["codes_n_q"]) == (N_Q, N_Q)
+    assert batch["batch"]["codes"][:2] == [3, N_Q] and len(batch["mel_losses"]) == N_Q
+    assert batch["mel_loss"] == pytest.approx(sum(batch["mel_losses"]) / N_Q, abs=1e-5)
+    one = run(corpus, tmp_path / "one.json", config={**CONFIG, "model": {"preset": "tiny", "n_codebooks": 1}})
+    batch = {c["name"]: c for c in json.loads(one.read_text())["checks"]}["batch"]["numbers"]
+    assert batch["n_codebooks"] == 1 and batch["batch"]["codes"][:2] == [3, 1] and len(batch["mel_losses"]) == 1
+
+
+def test_more_codebooks_than_the_shards_hold_fail_naming_them(corpus, tmp_path: Path) -> None:
+    from indextts.codes import shard_paths
+    from indextts.data import CodesDataset, DataError
+    from indextts.features import FeatureConfig
+
+    config = {**CONFIG, "model": {"preset": "tiny", "n_codebooks": N_Q + 1}}
+    with pytest.raises(ValidationFailed, match=rf"batch: .*index.json: model.n_codebooks: {N_Q + 1} asked for, "
+                                               rf"but the codes hold {N_Q} codebooks"):
+        run(corpus, tmp_path / "report.json", config=config)
+    # the dataset refuses too, naming the shard
+    with pytest.raises(DataError, match=rf"shard-00000-of-00001.parquet: holds {N_Q} codebooks"):
+        CodesDataset(shard_paths(corpus["index"]), bpe_path=corpus["bpe"], features=FeatureConfig(n_mels=32),
+                     split="train", clean_path=corpus["clean"], n_codebooks=N_Q + 1)

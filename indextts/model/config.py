@@ -56,6 +56,11 @@ class ModelConfig:
     # The two ids after the codebook.
     start_mel_token: int = 8192
     stop_mel_token: int = 8193
+    # Residual codebooks predicted per frame, in the delay pattern (indextts.model.delay). 1 is
+    # IndexTTS2's single code stream and keeps the released layout exactly; a DAC model needs all
+    # of its codebooks to carry speech. Codebook 0 uses mel_embedding / mel_head, codebook k
+    # extra_mel_embedding.cb{k} / extra_mel_head.cb{k}, all over the same mel vocabulary.
+    n_codebooks: int = 1
 
     # --- speaker conditioner: conformer (2x subsampling) + perceiver -------------------------
     # Conformer input size = feature size: 1024 for the released w2v-BERT input.
@@ -104,7 +109,7 @@ class ModelConfig:
                      "condition_num_latent", "cond_output_size", "cond_linear_units", "cond_attention_heads",
                      "cond_num_blocks", "emo_output_size", "emo_linear_units", "emo_attention_heads",
                      "emo_num_blocks", "emo_perceiver_dim", "perceiver_depth", "perceiver_dim_head",
-                     "pos_enc_max_len", "cond_perceiver_mult", "emo_perceiver_mult"):
+                     "pos_enc_max_len", "cond_perceiver_mult", "emo_perceiver_mult", "n_codebooks"):
             if getattr(self, name) <= 0:
                 p.append(f"{name} must be positive, got {getattr(self, name)}")
         for dim, heads in (("model_dim", "heads"), ("cond_output_size", "cond_attention_heads"),
@@ -132,6 +137,8 @@ class ModelConfig:
             p.append("start_mel_token and stop_mel_token must differ")
         if self.text_loss_weight < 0 or self.mel_loss_weight < 0:
             p.append("loss weights must not be negative")
+        if self.n_codebooks > 0 and self.max_code_frames < 1:
+            p.append(f"max_mel_tokens ({self.max_mel_tokens}) leaves no frame for {self.n_codebooks} delayed codebooks")
         if p:
             raise ConfigError(f"model config (preset {self.preset!r}):\n  " + "\n  ".join(p))
 
@@ -157,13 +164,20 @@ class ModelConfig:
         return self.max_mel_tokens + 2 + self.max_conditioning_inputs
 
     @property
+    def max_code_frames(self) -> int:
+        """Longest utterance in code frames: the delay pattern spends ``n_codebooks - 1`` of the
+        ``max_mel_tokens`` steps on the shift (``max_mel_tokens`` itself when K = 1)."""
+        return self.max_mel_tokens - (self.n_codebooks - 1)
+
+    @property
     def prefix_len(self) -> int:
         """GPT positions before the text: the speaker latents and two duration slots."""
         return self.condition_num_latent + 2
 
     def seq_len(self, text_len: int, mel_len: int) -> int:
-        """GPT sequence length for ``text_len`` text tokens and ``mel_len`` codes."""
-        return self.prefix_len + text_len + 2 + mel_len + 2
+        """GPT sequence length for ``text_len`` text tokens and ``mel_len`` code frames (which take
+        ``mel_len + n_codebooks - 1`` steps in the delay pattern, plus start and stop)."""
+        return self.prefix_len + text_len + 2 + mel_len + self.n_codebooks - 1 + 2
 
 
 def mel_vocab_size(codebook_size: int) -> int:
@@ -284,6 +298,7 @@ _NOT_OVERRIDABLE = {
     "mel_loss_weight": "set model.mel_loss_weight",
     "number_text_tokens": "it comes from the trained bpe.model",
     "number_mel_codes": "it comes from the codec's codebook size",
+    "n_codebooks": "set model.n_codebooks",
 }
 
 
@@ -299,21 +314,37 @@ class ModelSection:
     # IndexTTS's weighting: text prediction is auxiliary.
     text_loss_weight: float = 0.1
     mel_loss_weight: float = 1.0
+    # Codebooks the model predicts (delay pattern); null takes every codebook the codes hold.
+    n_codebooks: int | None = None
 
-    def model_config(self, *, number_text_tokens: int, number_mel_codes: int) -> ModelConfig:
+    def model_config(self, *, number_text_tokens: int, number_mel_codes: int,
+                     codes_n_q: int | None = None) -> ModelConfig:
         """The :class:`ModelConfig` this section describes for the given vocabularies.
 
         Args:
             number_text_tokens: SentencePiece vocabulary size.
             number_mel_codes: ``mel_vocab_size(codec codebook size)``.
+            codes_n_q: codebooks the codes hold (``indextts.codes.codes_n_q(index)``); what
+                ``n_codebooks: null`` resolves to. Unknown (None) with ``n_codebooks: null``
+                means one codebook.
 
         Raises:
-            ConfigError: naming ``model.preset`` or ``model.overrides.<field>``.
+            ConfigError: naming ``model.preset``, ``model.overrides.<field>`` or
+                ``model.n_codebooks`` (more codebooks than the codes hold).
         """
         overrides = dict(self.overrides)
         bad = [f"model.overrides.{k}: not allowed here ({_NOT_OVERRIDABLE[k]})" for k in overrides if k in _NOT_OVERRIDABLE]
         if bad:
             raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
+        n_codebooks = self.n_codebooks if self.n_codebooks is not None else (codes_n_q or 1)
+        if n_codebooks < 1:
+            raise ConfigError(f"model.n_codebooks: must be at least 1 (or null for all), got {n_codebooks}")
+        if codes_n_q is not None and n_codebooks > codes_n_q:
+            raise ConfigError(
+                f"model.n_codebooks: {n_codebooks} asked for, but the codes hold {codes_n_q} codebooks; "
+                f"set it to at most {codes_n_q} (null takes all), or re-extract the codes with more "
+                "quantizers (codec.n_quantizers)"
+            )
         try:
             return model_config(
                 self.preset,
@@ -321,6 +352,7 @@ class ModelSection:
                 number_mel_codes=number_mel_codes,
                 text_loss_weight=self.text_loss_weight,
                 mel_loss_weight=self.mel_loss_weight,
+                n_codebooks=n_codebooks,
                 **overrides,
             )
         except ConfigError as e:

@@ -4,8 +4,9 @@ Per GPT position, forward + backward costs about ``6 N + 12 L d T`` FLOPs: ``6 N
 matmuls of the ``N`` parameters every position passes through (2 forward, 4 backward), and
 ``12 L d T`` for the attention scores and weighted sums over a context of ``T`` positions.
 
-``N`` counts the trunk (all blocks and ``ln_f``), ``final_norm`` and ``mel_head``: the parameters
-each position multiplies through. Embedding lookups cost no matmul and are left out, as are the
+``N`` counts the trunk (all blocks and ``ln_f``), ``final_norm`` and the code heads (``mel_head``
+and, with the delay pattern, ``extra_mel_head.*``): the parameters each position multiplies
+through. Embedding lookups cost no matmul and are left out, as are the
 conditioners, which run once per utterance rather than per token (with 1024-dim w2v-BERT input
 they add roughly 10-20% on top for IndexTTS2-sized batches, so MFU from this formula is a lower
 bound). Trainers log tokens/s over *non-pad* text+code tokens, which makes MFU lower still
@@ -28,10 +29,11 @@ PEAK_FLOPS: dict[str, float] = {
 
 
 def per_token_params(cfg: ModelConfig) -> int:
-    """``N``: parameters a GPT position passes through (trunk, ln_f, final_norm, mel_head)."""
+    """``N``: parameters a GPT position passes through (trunk, ln_f, final_norm, the K code heads)."""
     d = cfg.model_dim
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * (2 * d)
-    return cfg.layers * block + 2 * d + 2 * d + (d * cfg.number_mel_codes + cfg.number_mel_codes)
+    heads = cfg.n_codebooks * (d * cfg.number_mel_codes + cfg.number_mel_codes)  # mel_head + extra_mel_head.*
+    return cfg.layers * block + 2 * d + 2 * d + heads
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -65,6 +65,8 @@ _DROPPED = (
 )
 
 _TEXT_KEYS = ("text_embedding.weight", "text_head.weight", "text_head.bias")
+# Our tables and heads for codebooks 1..K-1 (model.n_codebooks > 1); the official file has none.
+_EXTRA_CODEBOOK_MODULES = ("extra_mel_embedding.", "extra_mel_head.")
 _POS_KEYS = ("mel_pos_embedding.emb.weight", "text_pos_embedding.emb.weight")
 
 
@@ -536,7 +538,12 @@ def import_official(
         if vocab_done and key in _TEXT_KEYS:
             continue
         if key not in official:
-            report.reinitialised[key] = "not in the official file"
+            if key.startswith(_EXTRA_CODEBOOK_MODULES):
+                report.reinitialised[key] = (
+                    f"codebook {key.split('.')[1][2:]} of the delay pattern: IndexTTS2 predicts one code stream, "
+                    "so the extra codebooks' tables and heads start fresh")
+            else:
+                report.reinitialised[key] = "not in the official file"
             continue
         taken.add(key)
         src = official_as_ours(key)
@@ -586,9 +593,18 @@ def export_official(model: nn.Module, *, drop: tuple[str, ...] = ()) -> dict[str
         ``{official key: tensor}``.
 
     Raises:
-        TransferError: the model has keys with no place in the official layout (e.g. extra
-            codebooks), which IndexTTS2's tooling could not load.
+        TransferError: the model predicts more than one codebook, or has other keys with no
+            place in the official layout, which IndexTTS2's tooling could not load.
     """
+    n_codebooks = getattr(getattr(model, "cfg", None), "n_codebooks", 1)
+    if n_codebooks > 1:
+        raise TransferError(
+            f"this model predicts {n_codebooks} codebooks (model.n_codebooks, the delay pattern), and the official "
+            "gpt.pth layout has room for one: IndexTTS2's tooling reads one code stream, and a model cut down "
+            "to codebook 0 could not produce speech through DAC. Use our checkpoint folder instead "
+            "(model.safetensors + model.json; indextts.checkpoint.load_checkpoint loads it, and "
+            "indextts.codec.decode_codes turns its codes into audio through the pipeline's DAC)."
+        )
     transpose = conv1d_keys(model)
     out: dict[str, torch.Tensor] = {}
     extra = []

@@ -6,6 +6,12 @@ GPT input sequence for one utterance (the original's layout)::
     [ start_text, t_1 .. t_n, stop_text, stop_text (padding) ... ]      text, Lt + 2 positions
     [ start_mel,  c_1 .. c_m, stop_mel,  stop_mel  (padding) ... ]      codes, T + 2 positions
 
+With ``n_codebooks = K > 1`` (DAC's residual codebooks) the code segment is in the delay pattern
+(:mod:`indextts.model.delay`): codebook k's sequence ``[start, c_1 .. c_m, stop ...]`` is shifted
+right by k steps, the k steps it opens in front hold ``start`` and those it opens behind hold
+``stop``, so the segment is ``T + K + 1`` positions long; each position's input is the sum of the
+K codebooks' embeddings and K heads predict the next column. With K = 1 it is the layout above.
+
 Text and codes each carry their own learned position table starting at 0; the trunk has no
 positions of its own. Targets are the inputs shifted left (``t_1 .. t_n, stop_text``; ``c_1 ..
 c_m, stop_mel``); a target is real (counted in the loss) up to and including the first stop.
@@ -23,30 +29,39 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from indextts.model.config import ModelConfig
 from indextts.model.conformer import ConformerEncoder
+from indextts.model.delay import delay
 from indextts.model.gpt2 import GPT2, KVCache
-from indextts.model.losses import masked_cross_entropy
+from indextts.model.losses import codebook_cross_entropy, masked_cross_entropy
 from indextts.model.perceiver import PerceiverResampler
 
 
 @dataclass
 class ModelOutput:
-    """What :meth:`UnifiedVoice.forward` returns. Logits are ``[B, L, V]``."""
+    """What :meth:`UnifiedVoice.forward` returns.
+
+    Code tensors follow the layout the codes came in: ``[B, T]`` codes (one codebook) give
+    ``mel_logits [B, T + 2, V]`` and ``[B, T + 2]`` targets/mask as in IndexTTS2; ``[B, K, T]``
+    codes give ``mel_logits [B, K, L, V]`` and ``[B, K, L]`` targets/mask in the delay pattern,
+    ``L = T + K + 1``.
+    """
 
     loss: torch.Tensor  # text_loss_weight * text_loss + mel_loss_weight * mel_loss
     text_loss: torch.Tensor  # mean CE over real text targets
-    mel_loss: torch.Tensor  # mean CE over real code targets
+    mel_loss: torch.Tensor  # mean of mel_losses over the codebooks
     text_logits: torch.Tensor  # [B, Lt + 2, number_text_tokens + 1]
-    mel_logits: torch.Tensor  # [B, T + 2, number_mel_codes]
+    mel_logits: torch.Tensor  # [B, T + 2, V] or [B, K, L, V] (see above)
     emo_vec: torch.Tensor  # [B, emo_dim]
     n_text_tokens: torch.Tensor  # real text targets in the batch (long scalar)
-    n_mel_tokens: torch.Tensor  # real code targets in the batch (long scalar)
+    n_mel_tokens: torch.Tensor  # real code steps (frames + stop) per codebook in the batch (long scalar)
     text_targets: torch.Tensor  # [B, Lt + 2]
     text_mask: torch.Tensor  # [B, Lt + 2] bool, True = real target
-    mel_targets: torch.Tensor  # [B, T + 2]
-    mel_mask: torch.Tensor  # [B, T + 2]
+    mel_targets: torch.Tensor  # [B, T + 2] or [B, K, L]
+    mel_mask: torch.Tensor  # [B, T + 2] or [B, K, L]
+    mel_losses: torch.Tensor | None = None  # [K]: each codebook's mean CE over its real targets (not detached)
 
 
 class LearnedPositionEmbeddings(nn.Module):
@@ -119,6 +134,32 @@ class UnifiedVoice(nn.Module):
         nn.init.zeros_(self.speed_emb.weight)
         for emb in (self.text_embedding, self.mel_embedding):
             nn.init.normal_(emb.weight, std=0.02)
+        # Codebooks 1..K-1 of the delay pattern, created last so that everything a one-codebook
+        # model has is initialised exactly as in that model (same seed, same weights).
+        if cfg.n_codebooks > 1:
+            names = [f"cb{k}" for k in range(1, cfg.n_codebooks)]
+            self.extra_mel_embedding = nn.ModuleDict({n: nn.Embedding(cfg.number_mel_codes, d) for n in names})
+            self.extra_mel_head = nn.ModuleDict({n: nn.Linear(d, cfg.number_mel_codes) for n in names})
+            for emb in self.extra_mel_embedding.values():
+                nn.init.normal_(emb.weight, std=0.02)
+
+    # --- codebooks ---------------------------------------------------------------------------
+
+    def embed_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Sum of the K codebooks' embeddings: ids ``[B, K, L]`` -> ``[B, L, D]``."""
+        x = self.mel_embedding(ids[:, 0])
+        for k in range(1, ids.shape[1]):
+            x = x + self.extra_mel_embedding[f"cb{k}"](ids[:, k])
+        return x
+
+    def code_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """All K heads in one matmul: hidden ``[..., D]`` -> logits ``[..., K, V]``."""
+        if self.cfg.n_codebooks == 1:
+            return self.mel_head(h).unsqueeze(-2)
+        heads = [self.mel_head, *self.extra_mel_head.values()]
+        weight = torch.cat([m.weight for m in heads])  # (K * V, D)
+        bias = torch.cat([m.bias for m in heads])
+        return F.linear(h, weight, bias).unflatten(-1, (len(heads), self.cfg.number_mel_codes))
 
     # --- conditioning ------------------------------------------------------------------------
 
@@ -154,8 +195,29 @@ class UnifiedVoice(nn.Module):
 
     def prepare_codes(self, codes: torch.Tensor, code_lengths: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Code inputs, targets and real-target mask, each ``[B, T + 2]`` (see module doc)."""
-        return _aligned(codes, code_lengths, self.cfg.start_mel_token, self.cfg.stop_mel_token)
+        """Code inputs, targets and real-target mask in the delay pattern (see module doc).
+
+        Args:
+            codes: ``[B, K, T]`` (or ``[B, T]`` for one codebook), padding values arbitrary.
+            code_lengths: ``[B]`` real frames per row.
+
+        Returns:
+            Each ``[B, K, T + K + 1]`` (``[B, T + 2]`` for ``[B, T]`` codes). Codebook k's
+            targets are real from step k (its first code) to step k + m (its stop).
+        """
+        if codes.ndim == 2:
+            return tuple(t[:, 0] for t in self.prepare_codes(codes[:, None], code_lengths))
+        start, stop = self.cfg.start_mel_token, self.cfg.stop_mel_token
+        B, K, T = codes.shape
+        n = code_lengths[:, None, None]
+        pos = torch.arange(T + 3, device=codes.device)[None, None, :]  # (1, 1, T + 3)
+        body = torch.where(pos[..., 1 : T + 1] <= n, codes, torch.full_like(codes, stop))
+        # One undelayed stream per codebook: [start, c_1 .. c_m, stop, stop ...], T + 3 long;
+        # inputs are its first T + 2 steps and targets its last T + 2, as in _aligned.
+        seq = torch.cat([codes.new_full((B, K, 1), start), body, codes.new_full((B, K, 2), stop)], dim=2)
+        real = (pos >= 1) & (pos <= n + 1)  # c_1 .. c_m and the stop are targets
+        seq, real = delay(seq, start, stop), delay(real.expand(B, K, T + 3), False)
+        return seq[..., :-1], seq[..., 1:], real[..., 1:]
 
     # --- training forward --------------------------------------------------------------------
 
@@ -164,9 +226,12 @@ class UnifiedVoice(nn.Module):
         cfg = self.cfg
         B = text_ids.shape[0]
         problems = []
-        if text_ids.ndim != 2 or codes.ndim != 2:
-            problems.append(f"text_ids and codes must be [B, L] (one codebook), got {tuple(text_ids.shape)} "
-                            f"and {tuple(codes.shape)}")
+        K = cfg.n_codebooks
+        if text_ids.ndim != 2:
+            problems.append(f"text_ids must be [B, Lt], got {tuple(text_ids.shape)}")
+        if not (codes.ndim == 3 and codes.shape[1] == K) and not (codes.ndim == 2 and K == 1):
+            problems.append(f"codes must be [B, {K}, T] (model.n_codebooks = {K})"
+                            f"{' or [B, T]' if K == 1 else ''}, got {tuple(codes.shape)}")
         if cond_feats.ndim != 3 or cond_feats.shape[-1] != cfg.cond_feat_dim:
             problems.append(f"cond_feats must be [B, T_c, {cfg.cond_feat_dim}] (time before features), "
                             f"got {tuple(cond_feats.shape)}")
@@ -176,8 +241,9 @@ class UnifiedVoice(nn.Module):
                 problems.append(f"{name} has batch size {t.shape[0]}, text_ids has {B}")
         if text_ids.ndim == 2 and text_ids.shape[1] > cfg.max_text_tokens:
             problems.append(f"text has {text_ids.shape[1]} tokens, max_text_tokens is {cfg.max_text_tokens}")
-        if codes.ndim == 2 and codes.shape[1] > cfg.max_mel_tokens:
-            problems.append(f"codes have {codes.shape[1]} frames, max_mel_tokens is {cfg.max_mel_tokens}")
+        if codes.ndim in (2, 3) and codes.shape[-1] > cfg.max_code_frames:
+            problems.append(f"codes have {codes.shape[-1]} frames, the mel position table holds {cfg.max_code_frames} "
+                            f"(max_mel_tokens {cfg.max_mel_tokens} less {K - 1} delay steps)")
         # Value checks would force a device sync on GPU; the data pipeline checks there.
         if not problems and not text_ids.is_cuda:
             if int(cond_lengths.min()) < 3:
@@ -186,7 +252,7 @@ class UnifiedVoice(nn.Module):
                 problems.append(f"text id {int(text_ids.max())} >= text vocabulary {cfg.text_vocab_size}")
             if codes.numel() and int(codes.max()) >= cfg.number_mel_codes:
                 problems.append(f"code {int(codes.max())} >= mel vocabulary {cfg.number_mel_codes}")
-            if int(text_lengths.max()) > text_ids.shape[1] or int(code_lengths.max()) > codes.shape[1]:
+            if int(text_lengths.max()) > text_ids.shape[1] or int(code_lengths.max()) > codes.shape[-1]:
                 problems.append("a length exceeds its padded tensor's width")
         if problems:
             raise ValueError("UnifiedVoice.forward: " + "; ".join(problems))
@@ -208,7 +274,8 @@ class UnifiedVoice(nn.Module):
         Args:
             text_ids: ``[B, Lt]`` long, padded, *without* start/stop (added here).
             text_lengths: ``[B]`` real text tokens per row.
-            codes: ``[B, T]`` long, the first codebook, padded, without start/stop.
+            codes: ``[B, K, T]`` long (K = ``n_codebooks``; ``[B, T]`` when K = 1), padded,
+                undelayed, without start/stop (the delay pattern is built here).
             code_lengths: ``[B]`` real frames per row.
             cond_feats: ``[B, T_c, cond_feat_dim]`` speaker-reference features (time first).
             cond_lengths: ``[B]`` real feature frames (at least 3).
@@ -222,8 +289,6 @@ class UnifiedVoice(nn.Module):
             ValueError: inconsistent shapes, sequences longer than the position tables, or (for
                 CPU tensors) ids outside the vocabularies.
         """
-        if codes.ndim == 3 and codes.shape[1] == 1:  # [B, 1, T]: one codebook (the data layout)
-            codes = codes[:, 0]
         self._check(text_ids, text_lengths, codes, code_lengths, cond_feats, cond_lengths)
         if emo_feats is None:
             emo_feats, emo_lengths = cond_feats, cond_lengths
@@ -235,24 +300,33 @@ class UnifiedVoice(nn.Module):
         prefix = self.build_prefix(cond, emo_vec, speed)  # (B, N + 2, D)
 
         text_in, text_tgt, text_mask = self.prepare_text(text_ids, text_lengths)  # (B, Lt + 2)
-        mel_in, mel_tgt, mel_mask = self.prepare_codes(codes, code_lengths)  # (B, T + 2)
+        one_stream = codes.ndim == 2
+        codes = codes[:, None] if one_stream else codes  # (B, K, T)
+        mel_in, mel_tgt, mel_mask = self.prepare_codes(codes, code_lengths)  # (B, K, L), L = T + K + 1
         dev = text_ids.device
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1], dev)
-        mel_emb = self.mel_embedding(mel_in) + self.mel_pos_embedding(mel_in.shape[1], dev)
+        mel_emb = self.embed_codes(mel_in) + self.mel_pos_embedding(mel_in.shape[2], dev)
 
-        h = self.gpt(torch.cat([prefix, text_emb, mel_emb], dim=1))  # (B, N + 2 + Lt + 2 + T + 2, D)
+        h = self.gpt(torch.cat([prefix, text_emb, mel_emb], dim=1))  # (B, N + 2 + Lt + 2 + L, D)
         h = self.final_norm(h[:, prefix.shape[1]:])
         n_text = text_in.shape[1]
         text_logits = self.text_head(h[:, :n_text])  # (B, Lt + 2, Vt)
-        mel_logits = self.mel_head(h[:, n_text:])  # (B, T + 2, Vm)
+        logits = self.code_logits(h[:, n_text:])  # (B, L, K, Vm)
 
         text_loss = masked_cross_entropy(text_logits, text_tgt, text_mask)
-        mel_loss = masked_cross_entropy(mel_logits, mel_tgt, mel_mask)
+        mel_losses = codebook_cross_entropy(logits, mel_tgt, mel_mask)  # (K,)
+        mel_loss = mel_losses.mean()
         loss = cfg.text_loss_weight * text_loss + cfg.mel_loss_weight * mel_loss
+        if one_stream:
+            mel_logits, mel_tgt, mel_mask = logits[:, :, 0], mel_tgt[:, 0], mel_mask[:, 0]
+            n_mel = mel_mask.sum()
+        else:
+            mel_logits = logits.transpose(1, 2)  # (B, K, L, Vm), a view
+            n_mel = mel_mask[:, 0].sum()
         return ModelOutput(
             loss=loss, text_loss=text_loss, mel_loss=mel_loss, text_logits=text_logits, mel_logits=mel_logits,
-            emo_vec=emo_vec, n_text_tokens=text_mask.sum(), n_mel_tokens=mel_mask.sum(),
-            text_targets=text_tgt, text_mask=text_mask, mel_targets=mel_tgt, mel_mask=mel_mask,
+            emo_vec=emo_vec, n_text_tokens=text_mask.sum(), n_mel_tokens=n_mel,
+            text_targets=text_tgt, text_mask=text_mask, mel_targets=mel_tgt, mel_mask=mel_mask, mel_losses=mel_losses,
         )
 
     # --- inference ---------------------------------------------------------------------------
@@ -271,25 +345,37 @@ class UnifiedVoice(nn.Module):
         temperature: float = 1.0,
         top_k: int = 0,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample codes autoregressively with a KV cache.
+        """Sample codes autoregressively (all K codebooks, delay pattern) with a KV cache.
+
+        At step ``s`` codebook k predicts frame ``s - k``. Codebook 0 decides the length: its
+        ``stop`` ends the row, and codebook k > 0 then stops at the same frame, k steps later
+        (it cannot stop earlier: its stop logit is masked). Before its first frame a codebook is
+        fed ``start`` and after the row's end ``stop``, exactly as in training. ``start`` is never
+        sampled as a code.
 
         Args:
             text_ids: ``[B, Lt]`` text without start/stop; every row must be full length (no
                 padding: batch utterances of equal token count, or call once per utterance).
             cond_feats, cond_lengths, emo_feats, emo_lengths: as in :meth:`forward`.
             emo_vec: use this ``[B, emo_dim]`` instead of computing it from emo_feats.
-            max_new_tokens: cap on generated codes (default: max_mel_tokens).
-            temperature: 0 means greedy.
-            top_k: keep the k most likely codes (0 = all).
+            max_new_tokens: cap on generated frames (default and maximum: what the mel position
+                table holds, ``max_code_frames``).
+            temperature: 0 means greedy; applied to each codebook's logits on its own.
+            top_k: keep each codebook's k most likely ids (0 = all).
             generator: RNG for sampling.
+            use_cache: False recomputes the whole sequence at every step (a reference for the
+                cache; same tokens, much slower).
 
         Returns:
-            codes ``[B, T_max]`` (stop and beyond filled with stop_mel_token) and lengths ``[B]``.
-            Codes at position k use mel position k + 1, as in training (the original's HF
-            inference shifts generated codes one position further).
+            Undelayed codes ``[B, K, T_max]`` (from each row's length on filled with
+            stop_mel_token) and lengths ``[B]`` in frames. Frame ``t`` of codebook k is fed at
+            mel position ``t + k + 1``, as in training (the original's HF inference shifts
+            generated codes one position further).
         """
         cfg = self.cfg
+        K, V = cfg.n_codebooks, cfg.number_mel_codes
         B, Lt = text_ids.shape
         dev = text_ids.device
         if emo_vec is None:
@@ -302,33 +388,52 @@ class UnifiedVoice(nn.Module):
         lengths = torch.full((B,), Lt, dtype=torch.long, device=dev)
         text_in, _, _ = self.prepare_text(text_ids, lengths)  # [start, t_1..t_n, stop]
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1], dev)
-        limit = min(max_new_tokens or cfg.max_mel_tokens, cfg.mel_positions - 1)
-        token = torch.full((B, 1), cfg.start_mel_token, dtype=torch.long, device=dev)
-        x = torch.cat([prefix, text_emb, self.mel_embedding(token) + self.mel_pos_embedding(1, dev)], dim=1)
-        cache = KVCache(cfg.layers)
-        out = torch.full((B, limit), cfg.stop_mel_token, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        limit = min(max_new_tokens or cfg.max_code_frames, cfg.mel_positions - K)  # frames
+        start, stop = cfg.start_mel_token, cfg.stop_mel_token
+        column = torch.full((B, K), start, dtype=torch.long, device=dev)  # the step's input, one id per codebook
+        x = torch.cat([prefix, text_emb, self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev)], dim=1)
+        cache = KVCache(cfg.layers) if use_cache else None
+        seq = x
+        out = torch.full((B, K, limit), stop, dtype=torch.long, device=dev)
         out_len = torch.full((B,), limit, dtype=torch.long, device=dev)
-        for step in range(limit):
-            h = self.final_norm(self.gpt(x, cache)[:, -1])
-            logits = self.mel_head(h).float()  # (B, Vm)
+        known = torch.zeros(B, dtype=torch.bool, device=dev)  # codebook 0 has stopped (out_len is final)
+        banned = torch.zeros(K, V, dtype=torch.bool, device=dev)
+        banned[:, start] = True  # start is never a code
+        banned[1:, stop] = True  # only codebook 0 ends a row
+        for step in range(limit + K - 1):
+            h = self.gpt(x, cache) if use_cache else self.gpt(seq)
+            logits = self.code_logits(self.final_norm(h[:, -1])).float()  # (B, K, V)
+            logits = logits.masked_fill(banned, float("-inf"))
             if temperature <= 0:
                 nxt = logits.argmax(-1)
             else:
                 logits = logits / temperature
                 if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    kth = torch.topk(logits, min(top_k, V), dim=-1).values[..., -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, cfg.stop_mel_token), nxt)
-            newly = (nxt == cfg.stop_mel_token) & ~done
-            out_len = torch.where(newly, torch.full_like(out_len, step), out_len)
-            done |= newly
-            out[:, step] = nxt
-            if bool(done.all()):
+                probs = torch.softmax(logits, -1).view(B * K, V)
+                nxt = torch.multinomial(probs, 1, generator=generator).view(B, K)
+            # Codebook 0 is at frame `step`: a sampled stop fixes the row's length.
+            if step < limit:
+                newly = (nxt[:, 0] == stop) & ~known
+                out_len = torch.where(newly, torch.full_like(out_len, step), out_len)
+                known |= newly
+            if step == limit - 1:
+                known[:] = True  # rows without a stop end at the cap
+            frame = step - torch.arange(K, device=dev)  # (K,): the frame each codebook is at
+            live = (frame[None, :] >= 0) & (frame[None, :] < out_len[:, None])  # (B, K)
+            nxt = torch.where(live, nxt, torch.where(frame[None, :] < 0, start, stop))
+            for k in range(K):
+                f = step - k
+                if 0 <= f < limit:
+                    out[:, k, f] = nxt[:, k]
+            if bool((known & (step >= out_len + K - 2)).all()):
                 break
-            x = self.mel_embedding(nxt[:, None]) + self.mel_pos_embedding(1, dev, offset=step + 1)
-        return out[:, : int(out_len.max())], out_len
+            column = nxt
+            x = self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev, offset=step + 1)
+            if not use_cache:
+                seq = torch.cat([seq, x], dim=1)
+        return out[:, :, : int(out_len.max())], out_len
 
 
 def build_model(cfg: ModelConfig) -> UnifiedVoice:
