@@ -11,10 +11,12 @@ if config["demo"]["enabled"]:
     rule make_demo_codec:
         output:
             weights=f"{RESULTS}/demo/codec/dac_tiny.pth",
-        params:
-            code=code_id("codec", *CORE),
         log:
             f"{LOGS}/codes/make_demo_codec.log",
+        conda:
+            "../envs/indextts.yaml"
+        params:
+            code=code_id("codec", *CORE),
         shell:
             "indextts make-demo-codec --output {output.weights:q} > {log} 2>&1"
 
@@ -26,19 +28,21 @@ rule extract_codes:
     output:
         shard=f"{CODES}/shard-{{shard}}-of-{n_shards():05d}.parquet",
         rejects=f"{CODES}/rejects/shard-{{shard}}-of-{n_shards():05d}.parquet",
-    wildcard_constraints:
-        shard=r"\d{5}",
-    params:
-        cfg=stage_config("codec", "codes"),
-        code=code_id("codec", "codes", *CORE),
     log:
         f"{LOGS}/codes/shard-{{shard}}.log",
+    wildcard_constraints:
+        shard=r"\d{5}",
+    conda:
+        "../envs/indextts.yaml"
     # The CPU encoder uses every thread it gets; on a GPU they feed the DataLoader workers.
-    threads: max(1, min(4, workflow.cores))
+    threads: 4
     resources:
         # A GPU unless the config pins the codec to the CPU (then none is held for nothing).
         gpu=0 if config["codec"]["device"] == "cpu" else 1,
         mem_mb=8000,
+    params:
+        cfg=stage_config("codec", "codes"),
+        code=code_id("codec", "codes", *CORE),
     shell:
         "indextts extract-codes --config {params.cfg:q} --manifest {input.clean:q} --shard {wildcards.shard}"
         " --output {output.shard:q} --rejects {output.rejects:q} --threads {threads} > {log} 2>&1"
@@ -51,11 +55,13 @@ rule index_codes:
         rejects=expand(f"{CODES}/rejects/{{name}}", name=SHARD_FILES),
     output:
         index=f"{CODES}/index.json",
+    log:
+        f"{LOGS}/codes/index_codes.log",
+    conda:
+        "../envs/indextts.yaml"
     params:
         cfg=stage_config("codes"),
         code=code_id("codes", *CORE),
-    log:
-        f"{LOGS}/codes/index_codes.log",
     shell:
         "indextts index-codes --config {params.cfg:q} --manifest {input.clean:q} --shards {input.shards:q}"
         " --rejects {input.rejects:q} --output {output.index:q} > {log} 2>&1"

@@ -1,7 +1,8 @@
-# Helpers shared by every rule file: config validation, stage configs and code identity for
-# exact reruns, output paths. No rule logic lives here beyond get_* input functions.
+# Helpers shared by the rules/*.smk files (config validation, stage configs and code identity for
+# exact reruns, output paths). No rule logic lives here beyond get_* input functions.
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -11,6 +12,9 @@ from snakemake.utils import validate
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
 
 PKG = Path(workflow.basedir) / "indextts"
+# Where envs/indextts.post-deploy.sh finds this package to install it into the conda env of
+# `--sdm conda` (Snakemake copies the env files away from the repository before using them).
+os.environ.update(INDEXTTS_SOURCE=str(Path(workflow.basedir)))
 
 
 # Knobs that cannot change a result (worker counts, speed-only batching, logging, progress):
@@ -52,7 +56,7 @@ def code_id(*modules):
     h = hashlib.sha256()
     for mod in modules:
         target = PKG / mod
-        files = sorted(target.rglob("*.py")) if mod.endswith("/") else [target.with_suffix(".py")]
+        files = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
         for f in files:
             h.update(str(f.relative_to(PKG)).encode())
             h.update(f.read_bytes())
@@ -91,3 +95,18 @@ _EXTRA_TARGETS = []
 
 def extra_targets():
     return list(_EXTRA_TARGETS)
+
+
+# Input functions of the rule files.
+
+
+def get_manifests(wildcards):
+    """The manifest files listed in data.manifests (plain paths or {path: ...} entries)."""
+    return [m["path"] if isinstance(m, dict) else m for m in config["data"]["manifests"]]
+
+
+def get_pretrained(wildcards):
+    """The official gpt.pth / bpe.model named in the pretrained section (those that are set), so
+    replacing either file reruns the gate."""
+    pre = config.get("pretrained", {}) or {}
+    return {f"pretrained_{k}": pre[k] for k in ("gpt", "bpe") if pre.get(k)}

@@ -8,11 +8,13 @@ if config["demo"]["enabled"]:
         output:
             manifest=f"{RESULTS}/demo/corpus/manifest.jsonl",
             expected_rejects=f"{RESULTS}/demo/corpus/expected_rejects.json",
+        log:
+            f"{LOGS}/demo/demo_corpus.log",
+        conda:
+            "../envs/indextts.yaml"
+        threads: config["demo"]["workers"]
         params:
             cfg=stage_config("demo"),
             code=code_id("demo", *CORE),
-        log:
-            f"{LOGS}/demo/demo_corpus.log",
-        threads: config["demo"]["workers"]
         shell:
             "indextts demo-corpus --config {params.cfg:q} --out-dir results/demo/corpus > {log} 2>&1"

@@ -1,11 +1,6 @@
 # Data preparation: clean_manifest -> train_vocab, select_speakers.
 
 
-def get_manifests(wildcards):
-    """The manifest files listed in data.manifests (plain paths or {path: ...} entries)."""
-    return [m["path"] if isinstance(m, dict) else m for m in config["data"]["manifests"]]
-
-
 rule clean_manifest:
     input:
         manifests=get_manifests,
@@ -13,15 +8,17 @@ rule clean_manifest:
         clean=f"{RESULTS}/clean/clean.parquet",
         rejects=f"{RESULTS}/clean/rejects.parquet",
         summary=f"{RESULTS}/clean/summary.json",
+    log:
+        f"{LOGS}/clean/clean_manifest.log",
+    conda:
+        "../envs/indextts.yaml"
+    threads: config["clean"]["probe_workers"]
+    resources:
+        mem_mb=8000,
     params:
         cfg=stage_config("data", "text", "clean"),
         code=code_id("manifest", "text", *CORE),
-        out_dir=f"{RESULTS}/clean",
-    log:
-        f"{LOGS}/clean/clean_manifest.log",
-    threads: max(1, min(config["clean"]["probe_workers"], workflow.cores))
-    resources:
-        mem_mb=8000,
+        out_dir=lambda wildcards, output: os.path.dirname(output.clean),
     shell:
         "indextts clean-manifest --config {params.cfg:q} --out-dir {params.out_dir} > {log} 2>&1"
 
@@ -33,15 +30,17 @@ rule train_vocab:
         model=f"{RESULTS}/vocab/bpe.model",
         vocab=f"{RESULTS}/vocab/bpe.vocab",
         report=f"{RESULTS}/vocab/vocab_report.json",
-    params:
-        cfg=stage_config("vocab"),
-        code=code_id("vocab", *CORE),
-        out_dir=f"{RESULTS}/vocab",
     log:
         f"{LOGS}/vocab/train_vocab.log",
+    conda:
+        "../envs/indextts.yaml"
     threads: config["vocab"]["num_threads"]
     resources:
         mem_mb=8000,
+    params:
+        cfg=stage_config("vocab"),
+        code=code_id("vocab", *CORE),
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     shell:
         "indextts train-vocab --config {params.cfg:q} --clean {input.clean} --out-dir {params.out_dir} > {log} 2>&1"
 
@@ -51,10 +50,12 @@ rule select_speakers:
         clean=rules.clean_manifest.output.clean,
     output:
         speakers=f"{RESULTS}/speakers/speakers.json",
+    log:
+        f"{LOGS}/speakers/select_speakers.log",
+    conda:
+        "../envs/indextts.yaml"
     params:
         cfg=stage_config("speakers"),
         code=code_id("speakers", *CORE),
-    log:
-        f"{LOGS}/speakers/select_speakers.log",
     shell:
         "indextts select-speakers --config {params.cfg:q} --clean {input.clean} --out {output.speakers} > {log} 2>&1"
