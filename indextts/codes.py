@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indextts.config import ConfigError, get_section, load_config_arg
+from indextts.config import ConfigError, get_section, load_config_arg, merge_runtime
 from indextts.files import atomic_path, sha256_file, write_json
 
 if TYPE_CHECKING:
@@ -706,10 +706,18 @@ def codes_n_q(codes_index: str | Path) -> int:
 # CLI
 
 
-def _sections(arg: str):
+def _load_config(arg: str, runtime: str | None) -> dict[str, Any]:
+    """``--config`` with ``--runtime`` laid over it: the knobs that cannot change the codes
+    (worker counts, batch sizes; batched encoding equals one-at-a-time) stay out of the rule's
+    params, so changing one re-encodes nothing."""
+    raw = load_config_arg(arg)
+    return merge_runtime(raw, load_config_arg(runtime)) if runtime else raw
+
+
+def _sections(arg: str, runtime: str | None = None):
     from indextts.codec import CodecConfig
 
-    raw = load_config_arg(arg)
+    raw = _load_config(arg, runtime)
     return get_section(CodecConfig, raw, "codec"), get_section(CodesConfig, raw, "codes")
 
 
@@ -718,6 +726,7 @@ def cli_extract_codes(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="indextts extract-codes", description="Encode one shard of clean.parquet into DAC codes.")
     p.add_argument("--config", required=True, help="inline JSON with the codec and codes sections, or a YAML file")
     p.add_argument("--manifest", required=True, help="clean.parquet")
+    p.add_argument("--runtime", default=None, help="inline JSON of runtime knobs laid over --config (what the rules pass)")
     p.add_argument("--shard", required=True, type=int, help="shard index, 0 <= shard < codes.n_shards")
     p.add_argument("--output", required=True, help="the shard Parquet file to write")
     p.add_argument("--rejects", required=True, help="the rejects Parquet file to write")
@@ -729,7 +738,7 @@ def cli_extract_codes(argv: list[str]) -> int:
     # every op's barrier stalls; measured 10x -> 41x real time for the demo codec on a busy
     # 2-core machine. No effect if torch is already loaded.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    codec_cfg, codes_cfg = _sections(args.config)
+    codec_cfg, codes_cfg = _sections(args.config, args.runtime)
     from indextts.codec import CodecLoadError
 
     try:
@@ -754,11 +763,12 @@ def cli_index_codes(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="indextts index-codes", description="Index and check the code shards.")
     p.add_argument("--config", required=True, help="inline JSON with the codes section, or a YAML file")
     p.add_argument("--manifest", required=True, help="clean.parquet")
+    p.add_argument("--runtime", default=None, help="inline JSON of runtime knobs laid over --config (what the rules pass)")
     p.add_argument("--shards", required=True, nargs="+", help="every shard file, in shard order")
     p.add_argument("--rejects", required=True, nargs="+", help="every rejects file, in the same order")
     p.add_argument("--output", required=True, help="index.json to write")
     args = p.parse_args(argv)
-    codes_cfg = get_section(CodesConfig, load_config_arg(args.config), "codes")
+    codes_cfg = get_section(CodesConfig, _load_config(args.config, args.runtime), "codes")
     try:
         index_codes(codes_cfg, args.manifest, args.shards, args.rejects, args.output)
     except CodesIndexError as e:

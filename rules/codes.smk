@@ -44,7 +44,8 @@ rule extract_codes:
         cfg=stage_config("codec", "codes"),
         code=code_id("codec", "codes", *CORE),
     shell:
-        "indextts extract-codes --config {params.cfg:q} --manifest {input.clean:q} --shard {wildcards.shard}"
+        "indextts extract-codes --config {params.cfg:q} --runtime {RUNTIME:q}"
+        " --manifest {input.clean:q} --shard {wildcards.shard}"
         " --output {output.shard:q} --rejects {output.rejects:q} --threads {threads} > {log} 2>&1"
 
 
@@ -63,7 +64,8 @@ rule index_codes:
         cfg=stage_config("codes"),
         code=code_id("codes", *CORE),
     shell:
-        "indextts index-codes --config {params.cfg:q} --manifest {input.clean:q} --shards {input.shards:q}"
+        "indextts index-codes --config {params.cfg:q} --runtime {RUNTIME:q}"
+        " --manifest {input.clean:q} --shards {input.shards:q}"
         " --rejects {input.rejects:q} --output {output.index:q} > {log} 2>&1"
 
 

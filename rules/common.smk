@@ -21,6 +21,14 @@ os.environ.update(INDEXTTS_SOURCE=str(Path(workflow.basedir)))
 # kept out of params so changing them reruns nothing. Rules hand them to the CLI as
 # ``--runtime {RUNTIME:q}``; the library merges them back onto --config.
 RUNTIME_KEYS = {
+    # Batched extraction is tested equal to one utterance at a time, so batch sizes are speed only.
+    "codes": (
+        "num_workers",
+        "num_workers_cpu",
+        "batch_seconds_cpu",
+        "batch_seconds_cuda",
+        "max_batch_size",
+    ),
     "train": ("num_workers", "log_every", "progress"),
 }
 
