@@ -73,17 +73,48 @@ DAC_16KHZ_KWARGS: dict = {
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """The ``codec`` config section: which DAC weights encode the audio, and where."""
+    """The ``codec`` config section: which codes the model learns, from which weights, and where.
 
-    # A DAC weights file in DAC's own format (constructor kwargs + state dict). Required: the
-    # codes, and every model trained on them, belong to one codec.
+    ``kind="dac"``: DAC's residual codebooks (this module). ``kind="semantic"``: IndexTTS2's own
+    codes, the MaskGCT semantic codec (:mod:`indextts.semantic_codec`) over normalised w2v-BERT 2.0
+    features (:class:`indextts.features.W2VBert`), which needs the three ``w2v_bert*`` paths.
+    """
+
+    # The codec's weights. Required: the codes, and every model trained on them, belong to one
+    # codec. dac: a DAC weights file in DAC's own format (constructor kwargs + state dict).
+    # semantic: semantic_codec/model.safetensors of the amphion/MaskGCT release.
     weights: str
+    # dac: self-contained, decoded by DAC. semantic: the released IndexTTS2's codes (drop-in export).
+    kind: Literal["dac", "semantic"] = "dac"
     # "auto" takes CUDA when torch sees a GPU, else the CPU. Codes are computed in fp32 with
     # TF32 off on either, because a code is an argmax and must not move with the device's math.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Keep only the first N residual codebooks (RVQ is sequential, so these equal the first N of
     # the full codes); null keeps every codebook the weights have.
     n_quantizers: int | None = None
+    # semantic: a local facebook/w2v-bert-2.0 folder (config.json, preprocessor_config.json,
+    # model.safetensors); read with local_files_only, never downloaded.
+    w2v_bert: str | None = None
+    # semantic: the hidden state the codec was trained on; IndexTTS2 uses hidden_states[17].
+    w2v_bert_layer: int = 17
+    # semantic: wav2vec2bert_stats.pt of the released IndexTTS2 folder (mean and var of that layer).
+    w2v_bert_stats: str | None = None
+    # semantic: bf16 runs w2v-BERT about twice as fast on a GPU, but its features (and so a few
+    # codes) then differ from the fp32 ones IndexTTS2 itself computes.
+    w2v_bert_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.kind == "semantic":
+            missing = [f"codec.{k}" for k in ("w2v_bert", "w2v_bert_stats") if not getattr(self, k)]
+            if missing:
+                raise ConfigError(
+                    f"codec.kind is 'semantic', which needs {' and '.join(missing)}: the w2v-BERT 2.0 folder "
+                    "and the released wav2vec2bert_stats.pt (see config/korean.yaml)"
+                )
+            if self.n_quantizers not in (None, 1):
+                raise ConfigError(f"codec.n_quantizers: the semantic codec has one code stream, got {self.n_quantizers}")
+        if self.w2v_bert_layer < 1:
+            raise ConfigError(f"codec.w2v_bert_layer must be at least 1, got {self.w2v_bert_layer}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,9 @@ class CodecInfo:
     n_q: int  # codebooks kept (rows of every codes array)
     codebook_size: int  # codes are in [0, codebook_size)
     weights_sha256: str  # identity of the weights file
+    kind: str = "dac"  # the codec.kind that made the codes
+    # semantic only: what else the codes depend on (w2v-BERT folder and stats sha256, layer, dtype).
+    extra: tuple[tuple[str, str | int], ...] = ()
 
     @property
     def frame_rate(self) -> float:
@@ -102,8 +136,12 @@ class CodecInfo:
         return self.sample_rate / self.hop_length
 
     def n_frames(self, n_samples: int) -> int:
-        """Frames DAC gives for ``n_samples`` at :attr:`sample_rate` (its preprocess pads the
-        right end up to a whole hop)."""
+        """Frames the codec gives for ``n_samples`` at :attr:`sample_rate`: DAC's preprocess pads
+        the right end up to a whole hop; w2v-BERT's fbank drops the last partial window."""
+        if self.kind == "semantic":
+            from indextts.features import w2v_bert_frames
+
+            return w2v_bert_frames(n_samples)
         return math.ceil(n_samples / self.hop_length)
 
 
@@ -170,8 +208,10 @@ def _read_weights_file(path: Path) -> dict:
     return blob
 
 
-def _check_state_dict(path: Path, model: torch.nn.Module, state: dict) -> None:
-    """Every key the model has must be in the file with the same shape, and nothing else."""
+def state_dict_problems(model: torch.nn.Module, state: dict) -> list[str]:
+    """What keeps ``state`` from loading strictly into ``model``: one line each for missing,
+    unexpected and mis-shaped keys (a few named, then the count). Empty when every key the model
+    has is in ``state`` with the same shape, and nothing else is."""
     want = model.state_dict()
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
@@ -180,18 +220,25 @@ def _check_state_dict(path: Path, model: torch.nn.Module, state: dict) -> None:
         for k in set(want) & set(state)
         if tuple(state[k].shape) != tuple(want[k].shape)
     )
-    if missing or unexpected or shapes:
 
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
 
-        lines = [f"{path}: the weights do not match the DAC architecture in its own metadata"]
-        if missing:
-            lines.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            lines.append(f"unexpected keys: {few(unexpected)}")
-        if shapes:
-            lines.append(f"shape mismatches: {few(shapes)}")
+    lines = []
+    if missing:
+        lines.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        lines.append(f"shape mismatches: {few(shapes)}")
+    return lines
+
+
+def _check_state_dict(path: Path, model: torch.nn.Module, state: dict) -> None:
+    """Every key the model has must be in the file with the same shape, and nothing else."""
+    problems = state_dict_problems(model, state)
+    if problems:
+        lines = [f"{path}: the weights do not match the DAC architecture in its own metadata", *problems]
         lines.append("The file is truncated, from another DAC version, or not a DAC codec; re-download it.")
         raise CodecLoadError("\n  ".join(lines))
 

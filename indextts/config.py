@@ -216,6 +216,7 @@ SECTIONS: dict[str, str] = {
     "speakers": "indextts.speakers:SpeakersConfig",
     "codec": "indextts.codec:CodecConfig",
     "codes": "indextts.codes:CodesConfig",
+    "features": "indextts.features:PromptFeaturesConfig",
     "model": "indextts.model.config:ModelSection",
     "pretrained": "indextts.pretrained:PretrainedConfig",
     "validate": "indextts.validate:ValidateConfig",
