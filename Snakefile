@@ -13,6 +13,7 @@ include: "rules/demo.smk"
 include: "rules/prepare.smk"
 include: "rules/codes.smk"
 include: "rules/model.smk"
+include: "rules/train.smk"
 
 
 rule all:

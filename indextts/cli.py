@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-codes": ("indextts.codes", "encode one shard of the clean manifest into DAC codes"),
     "index-codes": ("indextts.codes", "index the code shards and check frame counts"),
     "validate": ("indextts.validate", "check data, vocab and model end to end before training"),
+    "train": ("indextts.train", "train one stage (1, 2 or 3); resumes from its saved state"),
     "import-gpt": ("indextts.pretrained", "import an official gpt.pth into our checkpoint format"),
     "export-gpt": ("indextts.pretrained", "export a checkpoint to the official gpt.pth layout"),
 }

@@ -220,6 +220,7 @@ SECTIONS: dict[str, str] = {
     "model": "indextts.model.config:ModelSection",
     "pretrained": "indextts.pretrained:PretrainedConfig",
     "validate": "indextts.validate:ValidateConfig",
+    "train": "indextts.train:TrainConfig",
 }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,11 +41,20 @@ class Batch:
     code_lengths: torch.Tensor
     cond_feats: torch.Tensor
     cond_lengths: torch.Tensor
+    # The emotion prompt's features when it is not the speaker prompt (``emo_prompt: target``).
+    emo_feats: torch.Tensor | None = None
+    emo_lengths: torch.Tensor | None = None
+    # Stage-2 classifier targets ``[B]`` (the speakers.json class of each row).
+    speaker_ids: torch.Tensor | None = None
     utt_ids: list[str] = field(default_factory=list)
     speakers: list[str] = field(default_factory=list)
 
+    _TENSORS = ("text_ids", "text_lengths", "codes", "code_lengths", "cond_feats", "cond_lengths",
+                "emo_feats", "emo_lengths", "speaker_ids")
+
     def inputs(self) -> dict[str, torch.Tensor]:
-        return {
+        """Keyword arguments of ``UnifiedVoice.forward`` (the emotion prompt only when set)."""
+        out = {
             "text_ids": self.text_ids,
             "text_lengths": self.text_lengths,
             "codes": self.codes,
@@ -53,18 +62,37 @@ class Batch:
             "cond_feats": self.cond_feats,
             "cond_lengths": self.cond_lengths,
         }
+        if self.emo_feats is not None:
+            out.update(emo_feats=self.emo_feats, emo_lengths=self.emo_lengths)
+        return out
+
+    def _map(self, fn) -> "Batch":
+        tensors = {k: (None if getattr(self, k) is None else fn(getattr(self, k))) for k in self._TENSORS}
+        return Batch(**tensors, utt_ids=self.utt_ids, speakers=self.speakers)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs().items()}
-        return Batch(**moved, utt_ids=self.utt_ids, speakers=self.speakers)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{k: v.pin_memory() for k, v in self.inputs().items()}, utt_ids=self.utt_ids, speakers=self.speakers)
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return int(self.text_lengths.shape[0])
+
+    @property
+    def n_text_targets(self) -> int:
+        """Real text targets (each row's tokens and its stop token)."""
+        return int(self.text_lengths.sum()) + len(self)
+
+    @property
+    def n_code_targets(self) -> int:
+        """Real code targets per codebook (each row's frames and its stop token)."""
+        return int(self.code_lengths.sum()) + len(self)
 
     @property
     def n_tokens(self) -> int:
         """Non-padding target tokens (text and codes, each with its stop token)."""
-        return int(self.text_lengths.sum() + self.code_lengths.sum()) + 2 * len(self.text_lengths)
+        return self.n_text_targets + self.n_code_targets
 
 
 def _split_lookup(clean_path: Path) -> dict[str, str]:
@@ -93,6 +121,15 @@ class CodesDataset(torch.utils.data.Dataset):
         max_ref_seconds: crop reference audio to at most this long (a random, seeded window).
         n_codebooks: how many codebooks are the target, the first K of the shard's ``n_q``
             (1: the first only, as in IndexTTS2).
+        speakers: ``{speaker: class_id}`` (speakers.json); when given, only utterances of these
+            speakers are kept and items carry ``speaker_id`` (stage 2).
+        require_emotion: keep only utterances with an emotion label.
+        emo_prompt: ``"reference"``: the emotion prompt is the speaker prompt (the model's
+            default); ``"target"``: a crop of the target utterance itself, which is the one clip
+            sure to carry the target's emotion, so ``emo_vec`` learns emotion from its prompt.
+
+    Items are addressed by an index or by ``(epoch, index)`` (what :class:`TokenBatchSampler`
+    yields): the epoch picks the reference draw, so DataLoader workers need no shared state.
 
     Raises:
         DataError: no shards, a split that cannot be determined, or nothing left after filtering.
@@ -111,6 +148,9 @@ class CodesDataset(torch.utils.data.Dataset):
         max_code_frames: int | None = None,
         max_ref_seconds: float = 6.0,
         n_codebooks: int = 1,
+        speakers: Mapping[str, int] | None = None,
+        require_emotion: bool = False,
+        emo_prompt: Literal["reference", "target"] = "reference",
     ) -> None:
         import pandas as pd
         import sentencepiece as spm
@@ -125,6 +165,10 @@ class CodesDataset(torch.utils.data.Dataset):
         if n_codebooks < 1:
             raise DataError(f"n_codebooks must be at least 1, got {n_codebooks}")
         self.n_codebooks = n_codebooks
+        if emo_prompt not in ("reference", "target"):
+            raise DataError(f"emo_prompt must be 'reference' or 'target', got {emo_prompt!r}")
+        self.emo_prompt = emo_prompt
+        self.speaker_map = dict(speakers) if speakers is not None else None
         self.max_ref_samples = int(max_ref_seconds * features.sample_rate)
         self._shards = [read_shard_codes(Path(p)) for p in shards]
         for sh in self._shards:
@@ -162,6 +206,16 @@ class CodesDataset(torch.utils.data.Dataset):
             self.dropped["other_split"] = int((~keep).sum())
             meta = meta[keep].reset_index(drop=True)
 
+        if self.speaker_map is not None:
+            keep = meta["speaker"].astype(str).isin(list(self.speaker_map)).to_numpy()
+            self.dropped["unmapped_speaker"] = int((~keep).sum())
+            meta = meta[keep].reset_index(drop=True)
+        if require_emotion:
+            keep = (meta["emotion"].notna() & (meta["emotion"].astype(str) != "")).to_numpy() \
+                if "emotion" in meta.columns else np.zeros(len(meta), dtype=bool)
+            self.dropped["no_emotion"] = int((~keep).sum())
+            meta = meta[keep].reset_index(drop=True)
+
         sp = spm.SentencePieceProcessor()
         sp.Load(str(bpe_path))
         ids = sp.encode(meta["text"].astype(str).tolist(), out_type=int)
@@ -191,6 +245,7 @@ class CodesDataset(torch.utils.data.Dataset):
         self._tok = np.fromiter((t for x in kept_ids for t in x), dtype=np.int32, count=int(self._tok_off[-1]))
         self.unk_tokens = int((self._tok == sp.unk_id()).sum())
         self.lengths = self.meta["n_frames"].to_numpy(dtype=np.int64)
+        self.text_lengths = np.diff(self._tok_off)
         # speaker -> positions, for reference choice
         self._by_speaker = {spk: np.asarray(g, dtype=np.int64) for spk, g in self.meta.groupby("speaker", sort=False).indices.items()}
 
@@ -204,37 +259,54 @@ class CodesDataset(torch.utils.data.Dataset):
     def text_ids(self, i: int) -> np.ndarray:
         return self._tok[self._tok_off[i] : self._tok_off[i + 1]]
 
-    def reference_index(self, i: int) -> int:
+    def seq_tokens(self, prefix_len: int) -> np.ndarray:
+        """GPT positions of each item: prefix + text (+ start/stop) + codes (+ start/stop and the
+        ``K - 1`` steps the delay pattern adds). What a token budget per batch counts."""
+        return prefix_len + self.text_lengths + 2 + self.lengths + self.n_codebooks - 1 + 2
+
+    def reference_index(self, i: int, epoch: int | None = None) -> int:
         """Another utterance of the same speaker, drawn from (seed, epoch, i); ``i`` if none."""
+        epoch = self.epoch if epoch is None else epoch
         group = self._by_speaker[self.meta.at[i, "speaker"]]
         if len(group) < 2:
             return i
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+        rng = np.random.default_rng((self.seed, epoch, i))
         j = int(group[rng.integers(len(group) - 1)])
         # skip i itself: draw among the others
         return j if j != i else int(group[-1])
 
-    def reference_features(self, i: int) -> torch.Tensor:
-        """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""
-        j = self.reference_index(i)
-        path = self.meta.at[j, "audio_path"]
-        wave = load_audio(path, self.features.sample_rate)
+    def _crop_features(self, j: int, epoch: int, salt: tuple[int, ...]) -> torch.Tensor:
+        """Features ``[frames, F]`` of utterance ``j``, cropped to ``max_ref_seconds`` at a window
+        drawn from (seed, epoch, *salt)."""
+        wave = load_audio(self.meta.at[j, "audio_path"], self.features.sample_rate)
         if wave.shape[0] > self.max_ref_samples:
-            rng = np.random.default_rng((self.seed, self.epoch, i, 1))
+            rng = np.random.default_rng((self.seed, epoch, *salt))
             start = int(rng.integers(wave.shape[0] - self.max_ref_samples + 1))
             wave = wave[start : start + self.max_ref_samples]
         return log_mel(wave, self.features)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def reference_features(self, i: int, epoch: int | None = None) -> torch.Tensor:
+        """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""
+        epoch = self.epoch if epoch is None else epoch
+        return self._crop_features(self.reference_index(i, epoch), epoch, (i, 1))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = (self.epoch, key) if isinstance(key, (int, np.integer)) else key
+        i = int(i)
         row = self.meta.iloc[i]
         codes = self._shards[int(row["_shard"])].codes(int(row["_row"]))
-        return {
+        item = {
             "utt_id": str(row["utt_id"]),
             "speaker": str(row["speaker"]),
             "text_ids": torch.from_numpy(self.text_ids(i).astype(np.int64)),
             "codes": torch.from_numpy(codes[: self.n_codebooks].astype(np.int64)),  # (K, T)
-            "cond_feats": self.reference_features(i),
+            "cond_feats": self.reference_features(i, epoch),
         }
+        if self.emo_prompt == "target":
+            item["emo_feats"] = self._crop_features(i, epoch, (i, 2))
+        if self.speaker_map is not None:
+            item["speaker_id"] = int(self.speaker_map[str(row["speaker"])])
+        return item
 
 
 def _pad(seqs: Sequence[torch.Tensor], value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +325,11 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
     codes, code_len = _pad([it["codes"].transpose(0, 1) for it in items])
     codes = codes.transpose(1, 2).contiguous()  # (B, K, T)
     cond, cond_len = _pad([it["cond_feats"] for it in items], 0.0)
+    emo = emo_len = spk = None
+    if "emo_feats" in items[0]:
+        emo, emo_len = _pad([it["emo_feats"] for it in items], 0.0)
+    if "speaker_id" in items[0]:
+        spk = torch.tensor([it["speaker_id"] for it in items], dtype=torch.long)
     return Batch(
         text_ids=text,
         text_lengths=text_len,
@@ -260,6 +337,9 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
         code_lengths=code_len,
         cond_feats=cond,
         cond_lengths=cond_len,
+        emo_feats=emo,
+        emo_lengths=emo_len,
+        speaker_ids=spk,
         utt_ids=[it["utt_id"] for it in items],
         speakers=[it["speaker"] for it in items],
     )
@@ -334,3 +414,114 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+def pack_by_tokens(lengths: np.ndarray, order: np.ndarray, max_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Greedy packing of ``order`` (sorted longest first) into batches whose padded size
+    ``len(batch) * longest`` stays within ``max_tokens`` (and ``max_batch_size`` items): the
+    extraction's batch planner, over tokens instead of seconds."""
+    from indextts.codes import plan_batches
+
+    return [[int(order[k]) for k in b] for b in plan_batches(lengths[order].tolist(), max_tokens, max_batch_size)]
+
+
+class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Batches bounded by *padded tokens* rather than a count, so long and short utterances fill
+    the accelerator alike.
+
+    Per epoch: shuffle with ``(seed, epoch)``; cut into buckets of ``bucket_size`` items; sort
+    each bucket longest first and pack it greedily so that ``batch size x longest item`` stays
+    within ``max_tokens``; shuffle the batch order. With ``world_size > 1`` rank ``r`` takes
+    batches ``r, r + world_size, ...`` of the same order, trimmed so every rank has as many.
+
+    It yields lists of ``(epoch, index)`` keys (see :class:`CodesDataset`), so workers draw the
+    epoch's references without shared state, and it can start an epoch part-way
+    (:meth:`set_epoch` with ``start``), which is how a resumed run sees exactly the batches it had
+    not seen.
+
+    Args:
+        lengths: GPT positions per item (:meth:`CodesDataset.seq_tokens`). An item longer than
+            ``max_tokens`` is a ValueError: filter such items first (the trainer drops them with
+            a count).
+        max_tokens: padded tokens per batch (per rank).
+        max_batch_size: items per batch at most.
+        seed, shuffle: order; ``shuffle=False`` keeps the input order (evaluation batches).
+        bucket_size: items sorted together; larger pads less but mixes lengths less.
+        rank, world_size: data-parallel position.
+        indices: use only these items (``lengths`` is indexed by them); batches hold dataset
+            indices.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        *,
+        max_batch_size: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+        bucket_size: int = 2000,
+        rank: int = 0,
+        world_size: int = 1,
+        indices: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        # indices: the dataset items to use (a subset); batches name dataset indices either way.
+        self.indices = np.arange(len(lengths)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)[self.indices]
+        if max_tokens < 1 or max_batch_size < 1 or bucket_size < 1:
+            raise ValueError("max_tokens, max_batch_size and bucket_size must be at least 1")
+        if len(self.lengths) and int(self.lengths.max()) > max_tokens:
+            raise ValueError(
+                f"an item has {int(self.lengths.max())} tokens, more than max_tokens={max_tokens}: "
+                "raise the token budget or drop such items first"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.max_tokens, self.max_batch_size = int(max_tokens), int(max_batch_size)
+        self.seed, self.shuffle, self.bucket_size = seed, shuffle, int(bucket_size)
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its batch ``start`` (0 = the whole epoch)."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def all_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch``, in order (item indices)."""
+        n = len(self.lengths)
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        out: list[list[int]] = []
+        for b in range(0, n, self.bucket_size):
+            bucket = order[b : b + self.bucket_size]
+            bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
+            out += pack_by_tokens(self.lengths, bucket, self.max_tokens, self.max_batch_size)
+        if self.shuffle:
+            out = [out[k] for k in rng.permutation(len(out))]
+        return [self.indices[b].tolist() for b in out]
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (default: the current one), from the start."""
+        out = self.all_batches(self.epoch if epoch is None else epoch)
+        if self.world_size > 1:
+            per_rank = len(out) // self.world_size
+            out = out[self.rank : per_rank * self.world_size : self.world_size]
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches()[self.start :]:
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch from ``start``."""
+        return max(0, len(self.batches()) - self.start)
+
+    def padding_efficiency(self, epoch: int = 0) -> float:
+        """Real over padded tokens of one epoch's batches (1.0 = no padding)."""
+        real = padded = 0
+        pos = {int(i): k for k, i in enumerate(self.indices)}
+        for b in self.all_batches(epoch):
+            ln = self.lengths[[pos[i] for i in b]]
+            real += int(ln.sum())
+            padded += int(ln.max()) * len(b)
+        return real / max(padded, 1)

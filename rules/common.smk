@@ -18,8 +18,9 @@ os.environ.update(INDEXTTS_SOURCE=str(Path(workflow.basedir)))
 
 
 # Knobs that cannot change a result (worker counts, speed-only batching, logging, progress):
-# kept out of params so changing them reruns nothing. Rules hand them to the CLI as
-# ``--runtime {RUNTIME:q}``; the library merges them back onto --config.
+# kept out of the tracked params so changing them reruns nothing. Rules hand them to the CLI as
+# ``params: runtime=runtime_params`` + ``--runtime {params.runtime:q}``; the library merges
+# them back onto --config.
 RUNTIME_KEYS = {
     # Batched extraction is tested equal to one utterance at a time, so batch sizes are speed only.
     "codes": (
@@ -44,6 +45,16 @@ def stage_config(*sections):
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
+def train_config(stage, *sections):
+    """``stage_config(*sections)`` plus the train section for one stage: the shared settings
+    and that stage's subsection only, so changing stage 3's learning rate reruns stage 3 alone."""
+    out = json.loads(stage_config(*sections))
+    others = {f"stage{k}" for k in (1, 2, 3) if k != stage}
+    skip = set(RUNTIME_KEYS.get("train", ())) | others
+    out["train"] = {k: v for k, v in config["train"].items() if k not in skip}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
 def runtime_config():
     """The RUNTIME_KEYS values of every section, as compact JSON (see RUNTIME)."""
     out = {
@@ -53,8 +64,56 @@ def runtime_config():
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
-# A plain global, so shell commands can name it: its value is not a rerun trigger.
 RUNTIME = runtime_config()
+
+
+def runtime_params(wildcards, resources):
+    """``params: runtime=runtime_params``: the RUNTIME JSON. Snakemake leaves params computed by
+    a function of resources (or input/output/threads) out of its params rerun trigger, so the
+    knobs reach the command without making a changed knob rerun anything."""
+    return RUNTIME
+
+
+def folder_of(key):
+    """``params: x=folder_of("meta")``: the folder of a named input/output file (the checkpoint
+    folder of a stage), derived from the file rather than hard-coded."""
+
+    def get(wildcards, input, output):
+        files = output if key in output.keys() else input
+        return str(Path(files[key]).parent)
+
+    return get
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def train_gpus():
+    """GPUs a training job holds: none when the config pins training to the CPU."""
+    return 0 if config["train"]["device"] == "cpu" else int(config["train"]["gpus"])
+
+
+def train_launcher():
+    """One process per GPU through torchrun when a job has several, a plain process otherwise."""
+    n = int(config["train"]["gpus"])
+    if n > 1:
+        return f"torchrun --standalone --nproc-per-node={n} -m indextts"
+    return "indextts"
+
+
+def train_mem_mb():
+    """Host memory of a training job: the released size holds its weights, optimizer and loaders."""
+    return 64000 if config["model"]["preset"] == "indextts2" else 8000
+
+
+def stage_outputs(stage):
+    """The outputs of a training stage: its checkpoint folder's weights, model.json, metrics."""
+    folder = f"{RESULTS}/train/stage{stage}"
+    return {
+        "weights": f"{folder}/model.safetensors",
+        "meta": f"{folder}/model.json",
+        "metrics": f"{folder}/metrics.jsonl",
+    }
 
 
 def code_id(*modules):
@@ -118,3 +177,24 @@ def get_pretrained(wildcards):
     replacing either file reruns the gate."""
     pre = config.get("pretrained", {}) or {}
     return {f"pretrained_{k}": pre[k] for k in ("gpt", "bpe") if pre.get(k)}
+
+
+def get_codec_files(wildcards):
+    """The files the codes depend on: the codec weights, and for the semantic codec the w2v-BERT
+    folder's configs and weights and the statistics, so replacing any of them re-encodes."""
+    codec = config["codec"]
+    files = {"weights": codec["weights"]}
+    if codec["kind"] == "semantic":
+        folder = Path(codec["w2v_bert"] or "codec.w2v_bert-is-not-set")
+        weights = sorted(folder.glob("*.safetensors")) or [folder / "model.safetensors"]
+        names = [folder / "config.json", folder / "preprocessor_config.json", *weights]
+        files["w2v_bert"] = [str(p) for p in names]
+        files["w2v_bert_stats"] = codec["w2v_bert_stats"] or "codec.w2v_bert_stats-is-not-set"
+    return files
+
+
+def features_arg(wildcards, input, output):
+    """`` --features FILE(S)`` for the CLI when features are stored, else nothing."""
+    files = output.get("features") or input.get("features") or []
+    files = [files] if isinstance(files, str) else list(files)
+    return "".join(f" --features {f}" if i == 0 else f" {f}" for i, f in enumerate(files))

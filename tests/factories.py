@@ -17,3 +17,94 @@ def make_bpe(path: Path, lines: list[str], vocab_size: int) -> Path:
     )
     path.write_bytes(buf.getvalue())
     return path
+
+
+def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, n_q: int = 2, codebook: int = 32,
+                      seed: int = 0) -> dict[str, Path]:
+    """A small training corpus written with the project's own writers: audio (tones + noise, a
+    pitch per speaker), ``clean.parquet`` (one val utterance per speaker), a ``train_vocab``
+    vocabulary, one codes shard whose codes follow the audio (frame energy and pitch bins, so a
+    model has something to learn) with its ``index_codes`` index, and ``speakers.json``.
+
+    Returns paths under keys clean, bpe, index, shard, speakers.
+    """
+    import json
+    import math
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from indextts.vocab import VocabConfig, train_vocab
+
+    sr, frame_rate = 16000, 50.0
+    words = "selam new dehna alem bet sew wuha mengist tsehay lij".split()
+    emotions = ["neutral", "happy", "sad"]
+    rng = np.random.default_rng(seed)
+    audio = root / "audio"
+    audio.mkdir(parents=True)
+    rows, codes_by_id = [], {}
+    for s in range(n_speakers):
+        for j in range(per_speaker):
+            k = s * per_speaker + j
+            dur = round(0.5 + 0.05 * ((k * 7) % 11), 3)
+            n = int(dur * sr)
+            t = np.arange(n) / sr
+            f0 = 120 + 60 * s + 10 * (j % 3)
+            env = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + 0.3 * j) * t)
+            wave = 0.3 * env * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.standard_normal(n)
+            path = audio / f"s{s}_u{j}.wav"
+            sf.write(path, wave.astype(np.float32), sr)
+            text = " ".join(rng.choice(words, size=3 + j % 3))
+            utt = f"s{s}_u{j:02d}"
+            frames = math.ceil(dur * frame_rate)
+            fe = np.array([env[min(n - 1, int(i * sr / frame_rate))] for i in range(frames)])
+            cb0 = np.minimum((fe * (codebook - 1)).astype(np.int64), codebook - 1)
+            rest = [(cb0 * (q + 3) + s + q) % codebook for q in range(1, n_q)]
+            codes_by_id[utt] = np.stack([cb0, *rest]).astype(np.int16)
+            rows.append({
+                "utt_id": utt, "audio_path": str(path), "text": text, "raw_text": text, "speaker": f"spk{s}",
+                "language": "am", "emotion": emotions[j % 3], "duration": dur, "sample_rate": sr, "channels": 1,
+                "split": "val" if j == per_speaker - 1 else "train",
+            })
+    clean = root / "clean.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+        ("utt_id", pa.string()), ("audio_path", pa.string()), ("text", pa.string()), ("raw_text", pa.string()),
+        ("speaker", pa.string()), ("language", pa.string()), ("emotion", pa.string()), ("duration", pa.float64()),
+        ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])), clean)
+    vocab = train_vocab(VocabConfig(vocab_size=40, max_unk_ratio=0.5, num_threads=1), clean, root / "vocab")
+    shard, index = write_codes(root / "codes", clean, rows, codes_by_id, codebook=codebook)
+    speakers = root / "speakers.json"
+    speakers.write_text(json.dumps({"speakers": {f"spk{s}": s for s in range(n_speakers)}, "stats": {}}))
+    return {"clean": clean, "bpe": vocab.model, "index": index, "shard": shard, "speakers": speakers}
+
+
+def write_codes(codes_dir: Path, clean: Path, rows: list[dict], codes_by_id: dict, *, codebook: int,
+                sample_rate: int = 16000, frame_rate: float = 50.0) -> tuple[Path, Path]:
+    """One codes shard (the project's shard schema) of ``codes_by_id[utt_id]`` (``int16 [n_q, T]``)
+    for the clean ``rows``, an empty rejects shard, and their ``index_codes`` index.
+
+    Returns (shard, index).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from indextts.codes import REJECTS_SCHEMA, CodesConfig, index_codes, shard_schema
+
+    n_q = next(iter(codes_by_id.values())).shape[0]
+    codes_dir.mkdir(parents=True)
+    meta = {"format": 1, "n_q": n_q, "sample_rate": sample_rate, "hop_length": int(sample_rate / frame_rate),
+            "frame_rate": frame_rate, "codebook_size": codebook, "weights_sha256": "0" * 64, "shard": 0, "n_shards": 1}
+    shard_rows = []
+    for r in sorted(rows, key=lambda r: r["utt_id"]):
+        c = codes_by_id[r["utt_id"]]
+        shard_rows.append({k: r[k] for k in ("utt_id", "speaker", "text", "language", "emotion", "audio_path", "duration")}
+                          | {"n_frames": c.shape[1], "codes": c.reshape(-1).tolist()})
+    shard = codes_dir / "shard-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(shard_rows, schema=shard_schema(meta)), shard)
+    rejects = codes_dir / "rejects" / "shard-00000-of-00001.parquet"
+    rejects.parent.mkdir()
+    pq.write_table(REJECTS_SCHEMA.empty_table(), rejects)
+    index = index_codes(CodesConfig(n_shards=1), clean, [shard], [rejects], codes_dir / "index.json")
+    return shard, index
