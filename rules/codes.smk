@@ -43,8 +43,9 @@ rule extract_codes:
     params:
         cfg=stage_config("codec", "codes"),
         code=code_id("codec", "codes", *CORE),
+        runtime=runtime_params,
     shell:
-        "indextts extract-codes --config {params.cfg:q} --runtime {RUNTIME:q}"
+        "indextts extract-codes --config {params.cfg:q} --runtime {params.runtime:q}"
         " --manifest {input.clean:q} --shard {wildcards.shard}"
         " --output {output.shard:q} --rejects {output.rejects:q} --threads {threads} > {log} 2>&1"
 
@@ -63,8 +64,9 @@ rule index_codes:
     params:
         cfg=stage_config("codes"),
         code=code_id("codes", *CORE),
+        runtime=runtime_params,
     shell:
-        "indextts index-codes --config {params.cfg:q} --runtime {RUNTIME:q}"
+        "indextts index-codes --config {params.cfg:q} --runtime {params.runtime:q}"
         " --manifest {input.clean:q} --shards {input.shards:q}"
         " --rejects {input.rejects:q} --output {output.index:q} > {log} 2>&1"
 
