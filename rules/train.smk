@@ -21,7 +21,7 @@ rule train_stage1:
         f"{LOGS}/train/stage1.log",
     conda:
         "../envs/indextts.yaml"
-    threads: max(1, min(4, workflow.cores))
+    threads: 4
     resources:
         gpu=train_gpus(),
         mem_mb=train_mem_mb(),
@@ -51,7 +51,7 @@ rule train_stage2:
         f"{LOGS}/train/stage2.log",
     conda:
         "../envs/indextts.yaml"
-    threads: max(1, min(4, workflow.cores))
+    threads: 4
     resources:
         gpu=train_gpus(),
         mem_mb=train_mem_mb(),
@@ -81,7 +81,7 @@ rule train_stage3:
         f"{LOGS}/train/stage3.log",
     conda:
         "../envs/indextts.yaml"
-    threads: max(1, min(4, workflow.cores))
+    threads: 4
     resources:
         gpu=train_gpus(),
         mem_mb=train_mem_mb(),
