@@ -876,7 +876,8 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         if len(val_sampler.batches(0)) == 0:
             val_sampler = None
         else:
-            val_loader = make_loader(val_ds, val_sampler, num_workers=0, pin=False, seed=tcfg.seed)
+            val_loader = make_loader(val_ds, val_sampler, num_workers=tcfg.num_workers, pin=device.type == "cuda",
+                                     seed=tcfg.seed)
 
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(objective, tcfg.weight_decay), lr=settings.lr, betas=tcfg.betas,
@@ -931,7 +932,9 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
 
     peak = _peak_flops(device)
     alpha = tcfg.stage2.speaker_loss_weight if stage == 2 else 0.0
-    stop_after = int(os.environ.get("INDEXTTS_TRAIN_KILL_AFTER_STEP", "0"))  # tests: SIGKILL after this step
+    # For the resume tests: the process SIGKILLs itself right after this step (a real kill,
+    # at a known point mid-epoch). Unset in normal use.
+    stop_after = int(os.environ.get("INDEXTTS_TRAIN_KILL_AFTER_STEP", "0"))
     progress = Progress(total, step, tcfg.progress, dist.main, f"stage {stage}")
     stream = micro_batches(loader, sampler, epoch, batch_pos)
     window = _Window(device)

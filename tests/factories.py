@@ -20,13 +20,15 @@ def make_bpe(path: Path, lines: list[str], vocab_size: int) -> Path:
 
 
 def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, n_q: int = 2, codebook: int = 32,
-                      seed: int = 0) -> dict[str, Path]:
+                      seed: int = 0, durations: tuple[float, float] = (0.5, 1.0), words_per_second: float = 0.0
+                      ) -> dict[str, Path]:
     """A small training corpus written with the project's own writers: audio (tones + noise, a
     pitch per speaker), ``clean.parquet`` (one val utterance per speaker), a ``train_vocab``
     vocabulary, one codes shard whose codes follow the audio (frame energy and pitch bins, so a
     model has something to learn) with its ``index_codes`` index, and ``speakers.json``.
 
-    Returns paths under keys clean, bpe, index, shard, speakers.
+    ``durations`` spans the clip lengths (s); ``words_per_second`` > 0 makes transcripts that long
+    (else 3-5 words). Returns paths under keys clean, bpe, index, shard, speakers.
     """
     import json
     import math
@@ -48,7 +50,7 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
     for s in range(n_speakers):
         for j in range(per_speaker):
             k = s * per_speaker + j
-            dur = round(0.5 + 0.05 * ((k * 7) % 11), 3)
+            dur = round(durations[0] + (durations[1] - durations[0]) * ((k * 7) % 11) / 10, 3)
             n = int(dur * sr)
             t = np.arange(n) / sr
             f0 = 120 + 60 * s + 10 * (j % 3)
@@ -56,7 +58,8 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
             wave = 0.3 * env * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.standard_normal(n)
             path = audio / f"s{s}_u{j}.wav"
             sf.write(path, wave.astype(np.float32), sr)
-            text = " ".join(rng.choice(words, size=3 + j % 3))
+            n_words = max(3 + j % 3, int(words_per_second * dur))
+            text = " ".join(rng.choice(words, size=n_words))
             utt = f"s{s}_u{j:02d}"
             frames = math.ceil(dur * frame_rate)
             fe = np.array([env[min(n - 1, int(i * sr / frame_rate))] for i in range(frames)])

@@ -18,8 +18,13 @@ if shutil.which("espeak-ng") is None:  # `make test` installs it; say so instead
     pytest.skip("espeak-ng is not installed (make install puts it there)", allow_module_level=True)
 
 PREP_DOWNSTREAM = {"train_vocab", "select_speakers"}
+TRAINING = {"train_stage1", "train_stage2", "train_stage3"}
+# Rules after training stage 3 (a change that reruns it reruns these too).
+AFTER_TRAINING: set[str] = set()
 # Rules that consume bpe.model: a vocabulary change must rerun these and nothing upstream or beside.
-VOCAB_CONSUMERS = {"validate_pipeline"}
+VOCAB_CONSUMERS = {"validate_pipeline"} | TRAINING | AFTER_TRAINING
+# speakers.json feeds stage 2 (the classifier), so stage 2 and what follows.
+SPEAKER_CONSUMERS = {"train_stage2", "train_stage3"} | AFTER_TRAINING
 EXTRACTION = {"extract_codes", "index_codes"}
 
 
@@ -73,7 +78,7 @@ def test_text_normalisation_change_reruns_clean_and_what_follows(demo):
 
 def test_top_k_change_reruns_only_select_speakers(demo):
     jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["speakers"].update(top_k=3)))
-    assert jobs == {"select_speakers": 1}  # nothing consumes speakers.json before training
+    assert set(jobs) == {"select_speakers"} | SPEAKER_CONSUMERS  # stage 1 does not read speakers.json
 
 
 def test_editing_the_vocab_module_reruns_only_train_vocab(demo):
@@ -128,3 +133,33 @@ def test_wrong_type_fails_before_any_job_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "top_k" in out and "many" in out
     assert not (wd / "results").exists()
+
+
+def test_demo_dag_trains_three_stages_and_stage1_learns(demo):
+    metas = {}
+    for k in (1, 2, 3):
+        folder = demo / "results/train" / f"stage{k}"
+        for name in ("model.safetensors", "model.json", "metrics.jsonl"):
+            assert (folder / name).stat().st_size > 0, f"stage{k}/{name}"
+        metas[k] = json.loads((folder / "model.json").read_text())
+        assert metas[k]["stage"] == f"stage{k}" and (folder / "tb").is_dir()
+    assert (demo / "results/train/stage2/speaker_classifier.safetensors").is_file()
+    # The chain: each stage's parent is the previous stage's weights.
+    from indextts.checkpoint import checkpoint_sha256
+
+    assert metas[2]["parent_sha256"] == checkpoint_sha256(demo / "results/train/stage1")
+    assert metas[3]["parent_sha256"] == checkpoint_sha256(demo / "results/train/stage2")
+    # The bar for the demo: val mel loss at least 30% lower at the end of stage 1.
+    assert metas[1]["extra"]["val_mel_loss_drop"] >= 0.30, metas[1]["extra"]["first_val"]
+
+
+def test_stage3_lr_change_reruns_stage3_only(demo):
+    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["train"]["stage3"].update(lr=3.0e-4)))
+    assert set(jobs) == {"train_stage3"} | AFTER_TRAINING
+
+
+def test_dataloader_workers_and_log_interval_rerun_nothing(demo):
+    def edit(c):
+        c["train"].update(num_workers=0, log_every=3, progress="bar")
+
+    assert planned_jobs(demo, *alt_config(demo, edit)) == {}
