@@ -259,11 +259,6 @@ class CodesDataset(torch.utils.data.Dataset):
     def text_ids(self, i: int) -> np.ndarray:
         return self._tok[self._tok_off[i] : self._tok_off[i + 1]]
 
-    def seq_tokens(self, prefix_len: int) -> np.ndarray:
-        """GPT positions of each item: prefix + text (+ start/stop) + codes (+ start/stop and the
-        ``K - 1`` steps the delay pattern adds). What a token budget per batch counts."""
-        return prefix_len + self.text_lengths + 2 + self.lengths + self.n_codebooks - 1 + 2
-
     def reference_index(self, i: int, epoch: int | None = None) -> int:
         """Another utterance of the same speaker, drawn from (seed, epoch, i); ``i`` if none."""
         epoch = self.epoch if epoch is None else epoch
@@ -440,7 +435,7 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     not seen.
 
     Args:
-        lengths: GPT positions per item (:meth:`CodesDataset.seq_tokens`). An item longer than
+        lengths: GPT positions per item (``ModelConfig.seq_len(ds.text_lengths, ds.lengths)``). An item longer than
             ``max_tokens`` is a ValueError: filter such items first (the trainer drops them with
             a count).
         max_tokens: padded tokens per batch (per rank).

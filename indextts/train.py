@@ -716,7 +716,7 @@ def _datasets(stage: int, tcfg: TrainConfig, cfg, inputs: StageInputs, speakers:
 
 
 def _budget_indices(ds, tcfg: TrainConfig, cfg, name: str, log) -> np.ndarray:
-    tokens = ds.seq_tokens(cfg.prefix_len)
+    tokens = cfg.seq_len(ds.text_lengths, ds.lengths)
     keep = np.flatnonzero(tokens <= tcfg.max_tokens)
     dropped = len(tokens) - len(keep)
     log(f"{name}: {len(ds)} utterances of {ds.n_input} in the shards (dropped {ds.dropped}); "
@@ -847,10 +847,14 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         + (f" (+{counts['classifier']:,} classifier)" if classifier is not None else ""))
     objective.to(device)
 
+    longest = cfg.seq_len(cfg.max_text_tokens, cfg.max_code_frames)
+    if tcfg.max_tokens < longest:
+        log(f"note: train.max_tokens={tcfg.max_tokens} is below the longest sequence the model takes ({longest}); "
+            "longer utterances are dropped (counted below)")
     train_idx = _budget_indices(train_ds, tcfg, cfg, "train", log)
     from indextts.data import TokenBatchSampler
 
-    lengths = train_ds.seq_tokens(cfg.prefix_len)
+    lengths = cfg.seq_len(train_ds.text_lengths, train_ds.lengths)
     sampler = TokenBatchSampler(lengths, tcfg.max_tokens, max_batch_size=tcfg.max_batch_size, seed=tcfg.seed,
                                 bucket_size=tcfg.bucket_size, rank=dist.rank, world_size=dist.world_size,
                                 indices=train_idx)
@@ -864,13 +868,13 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     val_loader = val_sampler = None
     if val_ds is not None:
         val_idx = _budget_indices(val_ds, tcfg, cfg, "val", log)
-        val_sampler = TokenBatchSampler(val_ds.seq_tokens(cfg.prefix_len), tcfg.max_tokens,
+        val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
                                         max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
                                         world_size=dist.world_size, indices=val_idx)
         vb = val_sampler.batches(0)
         if tcfg.val_max_batches and len(vb) > tcfg.val_max_batches:
             keep = sorted({i for b in vb[: tcfg.val_max_batches] for i in b})
-            val_sampler = TokenBatchSampler(val_ds.seq_tokens(cfg.prefix_len), tcfg.max_tokens,
+            val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
                                             max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
                                             world_size=dist.world_size, indices=keep)
         if len(val_sampler.batches(0)) == 0:
@@ -916,14 +920,15 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     metrics = MetricsLog(state_root / METRICS, out_dir / "tb", resume_step=step if resume else None, enabled=dist.main)
 
     if tcfg.compile:
-        objective_fwd = torch.compile(objective, dynamic=True)
-    else:
-        objective_fwd = objective
+        # In place (state-dict names unchanged), the model only: the GRL's lambda changes every
+        # step and would force a recompile inside a compiled objective.
+        objective.model.compile(dynamic=True)
+    objective_fwd: nn.Module = objective
     ddp = None
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(objective_fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
         objective_fwd = ddp
     objective.train()
     for name, module in objective.model.named_children():  # frozen conditioners stay in eval mode
