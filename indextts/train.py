@@ -290,7 +290,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def set_stage_trainable(model: nn.Module, stage: int, settings: StageSettings) -> dict[str, int]:
     """``requires_grad`` for a stage: everything but the stage's frozen conditioners (full), or
-    the adapters plus ``lora.fully_trainable`` (lora). Returns trainable/total parameter counts.
+    the adapters plus ``lora.fully_trainable`` (lora). Returns parameter counts: ``trainable``
+    (adapters included), ``total`` (the model without adapters) and ``adapter``.
 
     Raises:
         ConfigError: a ``fully_trainable`` glob matches no parameter.
@@ -841,10 +842,9 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     objective = StageObjective(model, classifier)
     if classifier is not None:
         counts["classifier"] = sum(p.numel() for p in classifier.parameters())
-        counts["trainable"] += counts["classifier"]
-    log(f"stage {stage} ({settings.training_type}): {counts['trainable']:,} trainable of {counts['total']:,} "
-        f"model parameters" + (f" (+{counts['adapter']:,} adapter)" if counts["adapter"] else "")
-        + (f" (+{counts['classifier']:,} classifier)" if classifier is not None else ""))
+    log(f"stage {stage} ({settings.training_type}): {counts['trainable']:,} of {counts['total']:,} model "
+        "parameters trainable" + (f" (adapters included: {counts['adapter']:,})" if counts["adapter"] else "")
+        + (f", plus the speaker classifier's {counts['classifier']:,}" if classifier is not None else ""))
     objective.to(device)
 
     longest = cfg.seq_len(cfg.max_text_tokens, cfg.max_code_frames)
