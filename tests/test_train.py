@@ -368,3 +368,29 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     la = [r["loss"] for r in metrics(single) if r["split"] == "train"]
     lb = [r["loss"] for r in metrics(ddp) if r["split"] == "train"]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(corpus, tmp_path, monkeypatch,
+                                                                             one_torch_thread):
+    from indextts.model.unified_voice import UnifiedVoice
+    from indextts.train import TrainingDiverged
+
+    real = UnifiedVoice.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # the 5th training step
+                out.mel_loss = out.mel_loss * float("nan")
+        return out
+
+    monkeypatch.setattr(UnifiedVoice, "forward", poisoned)
+    out = tmp_path / "stage1"
+    with pytest.raises(TrainingDiverged) as e:
+        train_stage(CONFIG, 1, inputs(corpus, out))
+    msg = str(e.value)
+    assert "non-finite" in msg and "step 5" in msg and "step-00000003" in msg and "lr" in msg
+    assert [p.name for p in (out / "state").glob("step-*")] == ["step-00000003"]
+    assert not (out / "model.json").exists()
