@@ -37,7 +37,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
@@ -47,7 +48,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         # With a cache, T new queries sit at the end of the keys; T == 1 needs no mask.
         causal = cache is None or T > 1
-        if cache is not None and T > 1 and k.shape[2] != T:
+        if key_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_padded_causal_mask(key_mask, T))
+        elif cache is not None and T > 1 and k.shape[2] != T:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -56,6 +59,17 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def _padded_causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean SDPA mask ``[B, 1, T, S]`` for the last ``T`` of ``S`` positions: causal, padded
+    keys hidden. A padded query still sees itself, so its (never used) row is finite rather than
+    the NaN of an all-masked softmax, which would leak into real rows through 0 * NaN."""
+    S = key_mask.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(S - T)  # (T, S)
+    own = torch.zeros(T, S, dtype=torch.bool, device=key_mask.device)
+    own[torch.arange(T), torch.arange(S - T, S)] = True
+    return ((causal[None] & key_mask[:, None, :]) | own[None])[:, None]  # (B, 1, T, S)
 
 
 class MLP(nn.Module):
@@ -78,8 +92,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = MLP(dim, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -135,8 +150,11 @@ class GPT2(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask [B, S]`` (True = real position) marks left padding of a ragged batch over
+        all ``S`` positions so far (cached ones included); padded keys get no attention."""
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, key_mask)
         return self.ln_f(x)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -331,6 +332,25 @@ class UnifiedVoice(nn.Module):
 
     # --- inference ---------------------------------------------------------------------------
 
+    def merge_emo_vec(self, cond_feats: torch.Tensor, cond_lengths: torch.Tensor, emo_feats: torch.Tensor,
+                      emo_lengths: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """IndexTTS2's ``merge_emovec``: ``base + alpha * (emo - base)``, ``[B, emo_dim]``.
+
+        ``base`` is the speaker prompt's own ``emo_vec`` and ``emo`` the emotion prompt's, so
+        ``alpha = 1`` is the emotion prompt alone and ``alpha = 0`` the speaker prompt alone.
+        """
+        emo = self.get_emo_vec(emo_feats, emo_lengths)
+        if alpha == 1.0:
+            return emo
+        base = self.get_emo_vec(cond_feats, cond_lengths)
+        return base + alpha * (emo - base)
+
+    def frame_limit(self, max_new_tokens: int | None = None) -> int:
+        """Frames :meth:`generate_codes` generates at most: ``max_new_tokens`` capped by the
+        longest utterance training covers (``max_code_frames``: the mel position table less the
+        start, stop and delay steps). A row of this many frames did not reach its stop token."""
+        return min(max_new_tokens or self.cfg.max_code_frames, self.cfg.max_code_frames)
+
     @torch.no_grad()
     def generate_codes(
         self,
@@ -340,12 +360,18 @@ class UnifiedVoice(nn.Module):
         emo_feats: torch.Tensor | None = None,
         emo_lengths: torch.Tensor | None = None,
         *,
+        text_lengths: torch.Tensor | None = None,
         emo_vec: torch.Tensor | None = None,
+        emo_alpha: float = 1.0,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_k: int = 0,
-        generator: torch.Generator | None = None,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         use_cache: bool = True,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample codes autoregressively (all K codebooks, delay pattern) with a KV cache.
 
@@ -355,43 +381,81 @@ class UnifiedVoice(nn.Module):
         fed ``start`` and after the row's end ``stop``, exactly as in training. ``start`` is never
         sampled as a code.
 
+        Rows of different text lengths are left-padded: each row's sequence is exactly what it is
+        alone (``[prefix, start, text, stop, codes ...]``, its own text and mel positions from 0),
+        moved right, and the padding is hidden from attention, so a batch gives every row what it
+        gets alone (up to float rounding).
+
+        Logits are processed in the order of HF ``generate`` (which IndexTTS2's inference uses):
+        repetition penalty, then temperature, top-k, top-p.
+
         Args:
-            text_ids: ``[B, Lt]`` text without start/stop; every row must be full length (no
-                padding: batch utterances of equal token count, or call once per utterance).
+            text_ids: ``[B, Lt]`` text without start/stop, padded on the right when rows differ.
             cond_feats, cond_lengths, emo_feats, emo_lengths: as in :meth:`forward`.
-            emo_vec: use this ``[B, emo_dim]`` instead of computing it from emo_feats.
-            max_new_tokens: cap on generated frames (default and maximum: what the mel position
-                table holds, ``max_code_frames``).
+            text_lengths: ``[B]`` real tokens per row (default: every row ``Lt``).
+            emo_vec: use this ``[B, emo_dim]`` instead of computing it from the prompts.
+            emo_alpha: weight of the emotion prompt against the speaker prompt's own emotion
+                (:meth:`merge_emo_vec`); used when ``emo_feats`` is given.
+            max_new_tokens: cap on generated frames (default and maximum: :meth:`frame_limit`).
+            min_new_tokens: frames before codebook 0 may stop.
             temperature: 0 means greedy; applied to each codebook's logits on its own.
             top_k: keep each codebook's k most likely ids (0 = all).
-            generator: RNG for sampling.
+            top_p: keep each codebook's smallest set of ids whose probability reaches ``top_p``
+                (1 = all).
+            repetition_penalty: HF's CTRL-style penalty on the ids a row's codebook has already
+                produced (a positive logit is divided by it, a negative one multiplied); 1 = off.
+                Applied in greedy decoding too, as HF does.
+            generator: RNG for sampling; one per row (a sequence of B) makes each row's draws
+                independent of the batch it is in.
             use_cache: False recomputes the whole sequence at every step (a reference for the
                 cache; same tokens, much slower).
+            on_step: called as ``on_step(step, logits)`` with each step's raw logits
+                ``[B, K, V]`` (float32, before any processing); for tests and diagnostics.
 
         Returns:
             Undelayed codes ``[B, K, T_max]`` (from each row's length on filled with
-            stop_mel_token) and lengths ``[B]`` in frames. Frame ``t`` of codebook k is fed at
-            mel position ``t + k + 1``, as in training (the original's HF inference shifts
+            stop_mel_token) and lengths ``[B]`` in frames; a length of :meth:`frame_limit` means
+            the row stopped at the cap, not at its stop token. Frame ``t`` of codebook k is fed
+            at mel position ``t + k + 1``, as in training (the original's HF inference shifts
             generated codes one position further).
+
+        Raises:
+            ValueError: inconsistent text lengths, generators or sampling settings.
         """
         cfg = self.cfg
         K, V = cfg.n_codebooks, cfg.number_mel_codes
         B, Lt = text_ids.shape
         dev = text_ids.device
-        if emo_vec is None:
-            if emo_feats is None:
-                emo_feats, emo_lengths = cond_feats, cond_lengths
-            elif emo_lengths is None:
-                raise ValueError("generate_codes: emo_feats given without emo_lengths")
-            emo_vec = self.get_emo_vec(emo_feats, emo_lengths)
-        prefix = self.build_prefix(self.get_conditioning(cond_feats, cond_lengths), emo_vec)
-        lengths = torch.full((B,), Lt, dtype=torch.long, device=dev)
-        text_in, _, _ = self.prepare_text(text_ids, lengths)  # [start, t_1..t_n, stop]
+        if text_lengths is None:
+            text_lengths = torch.full((B,), Lt, dtype=torch.long, device=dev)
+        elif text_lengths.shape != (B,) or int(text_lengths.min()) < 0 or int(text_lengths.max()) > Lt:
+            raise ValueError(f"generate_codes: text_lengths must be [B={B}] in 0..{Lt}, got {text_lengths.tolist()}")
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
+            raise ValueError(f"generate_codes: {len(generator)} generators for {B} rows")
+        if not 0.0 < top_p <= 1.0 or repetition_penalty <= 0 or top_k < 0:
+            raise ValueError(f"generate_codes: need 0 < top_p <= 1, repetition_penalty > 0, top_k >= 0; got "
+                             f"top_p={top_p}, repetition_penalty={repetition_penalty}, top_k={top_k}")
+        if emo_feats is not None and emo_lengths is None:
+            raise ValueError("generate_codes: emo_feats given without emo_lengths")
+        prefix = self._prompt_prefix(cond_feats, cond_lengths, emo_feats, emo_lengths, emo_vec, emo_alpha)
+        text_lengths = text_lengths.to(dev)
+        text_in, _, _ = self.prepare_text(text_ids, text_lengths)  # [start, t_1..t_n, stop, stop ...]
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1], dev)
-        limit = min(max_new_tokens or cfg.max_code_frames, cfg.mel_positions - K)  # frames
+        first = torch.cat([prefix, text_emb], dim=1)  # (B, P, D), shorter texts padded on the right
+        P = first.shape[1]
+        pad = Lt - text_lengths  # (B,)
+        key_mask = None
+        if bool((pad > 0).any()):
+            # Move each row's padding to the front: row b becomes [pad_b junk | prefix, start, text, stop].
+            src = (torch.arange(P, device=dev)[None, :] - pad[:, None]) % P  # (B, P)
+            first = first.gather(1, src[:, :, None].expand(-1, -1, first.shape[2]))
+            key_mask = torch.arange(P, device=dev)[None, :] >= pad[:, None]  # (B, P)
+        limit = self.frame_limit(max_new_tokens)
         start, stop = cfg.start_mel_token, cfg.stop_mel_token
         column = torch.full((B, K), start, dtype=torch.long, device=dev)  # the step's input, one id per codebook
-        x = torch.cat([prefix, text_emb, self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev)], dim=1)
+        x = torch.cat([first, self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev)], dim=1)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
         cache = KVCache(cfg.layers) if use_cache else None
         seq = x
         out = torch.full((B, K, limit), stop, dtype=torch.long, device=dev)
@@ -400,19 +464,18 @@ class UnifiedVoice(nn.Module):
         banned = torch.zeros(K, V, dtype=torch.bool, device=dev)
         banned[:, start] = True  # start is never a code
         banned[1:, stop] = True  # only codebook 0 ends a row
+        seen = torch.zeros(B, K, V, dtype=torch.bool, device=dev) if repetition_penalty != 1.0 else None
         for step in range(limit + K - 1):
-            h = self.gpt(x, cache) if use_cache else self.gpt(seq)
+            h = self.gpt(x, cache, key_mask) if use_cache else self.gpt(seq, key_mask=key_mask)
             logits = self.code_logits(self.final_norm(h[:, -1])).float()  # (B, K, V)
+            if on_step is not None:
+                on_step(step, logits)
             logits = logits.masked_fill(banned, float("-inf"))
-            if temperature <= 0:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, V), dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, -1).view(B * K, V)
-                nxt = torch.multinomial(probs, 1, generator=generator).view(B, K)
+            if step < min_new_tokens:
+                logits[:, 0, stop] = float("-inf")
+            if seen is not None:
+                logits = penalise_repeats(logits, seen, repetition_penalty)
+            nxt = self._pick(logits, temperature, top_k, top_p, generator)
             # Codebook 0 is at frame `step`: a sampled stop fixes the row's length.
             if step < limit:
                 newly = (nxt[:, 0] == stop) & ~known
@@ -423,6 +486,8 @@ class UnifiedVoice(nn.Module):
             frame = step - torch.arange(K, device=dev)  # (K,): the frame each codebook is at
             live = (frame[None, :] >= 0) & (frame[None, :] < out_len[:, None])  # (B, K)
             nxt = torch.where(live, nxt, torch.where(frame[None, :] < 0, start, stop))
+            if seen is not None:
+                seen |= F.one_hot(nxt, V).bool() & live[:, :, None]
             for k in range(K):
                 f = step - k
                 if 0 <= f < limit:
@@ -431,9 +496,70 @@ class UnifiedVoice(nn.Module):
                 break
             column = nxt
             x = self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev, offset=step + 1)
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
             if not use_cache:
                 seq = torch.cat([seq, x], dim=1)
         return out[:, :, : int(out_len.max())], out_len
+
+    def _prompt_prefix(self, cond_feats: torch.Tensor, cond_lengths: torch.Tensor, emo_feats: torch.Tensor | None,
+                       emo_lengths: torch.Tensor | None, emo_vec: torch.Tensor | None, emo_alpha: float) -> torch.Tensor:
+        """The conditioning prefix ``[B, N + 2, D]`` of generation. Prompts of different lengths are
+        encoded one row at a time: the conformer's convolution module, like the original's, lets
+        padding reach the last real frames (the pointwise conv's bias is not masked), so a padded
+        prompt would condition a row differently from the same prompt alone."""
+        ragged = [bool((n != f.shape[1]).any()) for f, n in ((cond_feats, cond_lengths), (emo_feats, emo_lengths))
+                  if f is not None]
+        if any(ragged):
+            def row(f: torch.Tensor | None, n: torch.Tensor | None, b: int):
+                return (None, None) if f is None else (f[b : b + 1, : int(n[b])], n[b : b + 1])
+
+            rows = [self._prompt_prefix(*row(cond_feats, cond_lengths, b), *row(emo_feats, emo_lengths, b),
+                                        None if emo_vec is None else emo_vec[b : b + 1], emo_alpha)
+                    for b in range(cond_feats.shape[0])]
+            return torch.cat(rows)
+        if emo_vec is None:
+            emo_vec = (self.get_emo_vec(cond_feats, cond_lengths) if emo_feats is None
+                       else self.merge_emo_vec(cond_feats, cond_lengths, emo_feats, emo_lengths, emo_alpha))
+        return self.build_prefix(self.get_conditioning(cond_feats, cond_lengths), emo_vec)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+              generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+        """Next ids ``[B, K]`` from logits ``[B, K, V]``: greedy at temperature 0, else
+        :func:`warp_logits` and a multinomial draw (one per row with one generator per row)."""
+        if temperature <= 0:
+            return logits.argmax(-1)
+        B, K, V = logits.shape
+        probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), -1)
+        if isinstance(generator, (list, tuple)):
+            return torch.stack([torch.multinomial(probs[b], 1, generator=g)[:, 0] for b, g in enumerate(generator)])
+        return torch.multinomial(probs.view(B * K, V), 1, generator=generator).view(B, K)
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's ``RepetitionPenaltyLogitsProcessor`` on ``logits [..., V]`` for the ids marked in
+    ``seen [..., V]``: a positive logit is divided by ``penalty``, a negative one multiplied."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """HF's sampling warpers in HF's order on ``logits [..., V]``: temperature, top-k, top-p
+    (removed ids get ``-inf``). ``temperature`` must be positive."""
+    V = logits.shape[-1]
+    logits = logits / temperature
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # TopPLogitsWarper: drop the least likely ids whose summed probability stays within
+        # 1 - top_p; the most likely id always stays.
+        ordered, order = torch.sort(logits, dim=-1)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 def build_model(cfg: ModelConfig) -> UnifiedVoice:
