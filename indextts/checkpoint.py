@@ -1,6 +1,7 @@
 """Checkpoint folders: ``model.safetensors`` (weights) + ``model.json`` (everything to load it alone).
 
-``model.json`` carries the model config, the vocabulary (path, sha256, byte size, piece count),
+``model.json`` carries the model config, the vocabulary (path, sha256, byte size, piece count;
+the folder holds its own copy, ``bpe.model``, so a folder alone can be tokenised for),
 the text normaliser and codec config, the stage and training type, the parent checkpoint's and
 the data index's sha256, the step, and the package versions. It is written *after* the weights
 and records their byte size and sha256, so it acts as the commit marker: a folder whose weights
@@ -19,6 +20,7 @@ import dataclasses
 import datetime as _dt
 import json
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +33,9 @@ from indextts.files import atomic_path, sha256_file, write_json
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+# The folder's own copy of the vocabulary it was trained with: synthesis and export need nothing
+# but the folder (and the codec weights).
+VOCAB = "bpe.model"
 FORMAT = "indextts-checkpoint"
 FORMAT_VERSION = 1
 
@@ -176,12 +181,16 @@ def save_checkpoint(
     (directory / META).unlink(missing_ok=True)
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    vocab_copy = directory / VOCAB
+    if not (vocab_copy.exists() and vocab_copy.resolve() == Path(vocab_path).resolve()):
+        with atomic_path(vocab_copy) as tmp:
+            shutil.copyfile(vocab_path, tmp)
     n_params = sum(p.numel() for p in model.parameters())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": section_dict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg),
-        "vocab": vocab_info(vocab_path),
+        "vocab": {**vocab_info(vocab_path), "file": VOCAB},
         "text": dict(text_cfg),
         "codec": dict(codec_cfg),
         "stage": stage,
@@ -247,6 +256,27 @@ def check_vocab(meta: Mapping[str, Any], vocab_path: str | Path, where: str | Pa
             "use the bpe.model the checkpoint was trained with, or start again from an import "
             "with this vocabulary."
         )
+
+
+def checkpoint_vocab(directory: str | Path) -> Path:
+    """The ``bpe.model`` of a checkpoint folder: its own copy, or for a folder written before
+    copies were kept, the path ``model.json`` records (either is checked by sha256 at load).
+
+    Raises:
+        CheckpointError: neither exists; the message names both places.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    own = directory / meta["vocab"].get("file", VOCAB)
+    if own.is_file():
+        return own
+    recorded = Path(meta["vocab"]["path"])
+    if recorded.is_file():
+        return recorded
+    raise CheckpointError(
+        f"{directory}: no vocabulary: neither {own} nor the recorded {recorded} exists. Copy the bpe.model the "
+        "checkpoint was trained with into the folder as bpe.model."
+    )
 
 
 def _read_weights(path: Path, meta: Mapping[str, Any], device: str) -> dict[str, torch.Tensor]:
@@ -400,6 +430,7 @@ __all__ = [
     "read_meta",
     "check_vocab",
     "checkpoint_sha256",
+    "checkpoint_vocab",
     "package_versions",
     "vocab_info",
     "tensor_equal",

@@ -52,7 +52,8 @@ def save(tmp_path: Path, model, cfg, bpe: Path, name: str = "ckpt") -> Path:
 def test_round_trip_keeps_every_tensor_and_the_metadata(tmp_path: Path, bpe: Path) -> None:
     model, cfg = tiny_model()
     ckpt = save(tmp_path, model, cfg, bpe)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["bpe.model", "model.json", "model.safetensors"]
+    assert (ckpt / "bpe.model").read_bytes() == bpe.read_bytes()  # the folder's own vocabulary
     loaded, meta = load_checkpoint(ckpt, vocab_path=bpe, verify_sha256=True)
     assert tensor_equal(model.state_dict(), loaded.state_dict()) == []
     assert loaded.cfg == cfg
