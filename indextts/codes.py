@@ -1,24 +1,32 @@
-"""Codec codes: the clean manifest encoded with DAC into sharded, reproducible Parquet files.
+"""Codec codes: the clean manifest encoded into sharded, reproducible Parquet files.
 
-``extract_codes`` encodes one shard (the utterances whose stable hash of ``utt_id`` falls in it;
-every split goes in, training filters by split) and writes::
+Two codecs (``codec.kind``): DAC (:mod:`indextts.codec`, every residual codebook) or IndexTTS2's
+own MaskGCT semantic codec over w2v-BERT 2.0 features (:mod:`indextts.semantic_codec`, one
+codebook of 8192 at 50 frames/s). ``extract_codes`` encodes one shard (the utterances whose
+stable hash of ``utt_id`` falls in it; every split goes in, training filters by split) and writes::
 
-    codes/shard-00003-of-00064.parquet          one row per utterance, sorted by utt_id
-    codes/rejects/shard-00003-of-00064.parquet  utt_id, audio_path, reason, detail
+    codes/shard-00003-of-00064.parquet           one row per utterance, sorted by utt_id
+    codes/rejects/shard-00003-of-00064.parquet   utt_id, audio_path, reason, detail
+    codes/features/shard-00003-of-00064.parquet  semantic + features.store: the w2v-BERT prompt
+                                                 features (indextts.features.PromptFeatureStore)
 
 Shard columns: ``utt_id, speaker, text, language, emotion, audio_path, duration, n_frames`` and
 ``codes``: ``list<int16>`` holding the ``[n_q, n_frames]`` array flattened row-major. The codec
-(``n_q``, sample rate, hop, frame rate, codebook size, weights sha256) is in the Parquet schema
-metadata under ``indextts.codes``. ``index_codes`` gathers the shards into ``codes/index.json``
-and checks every row's frame count against its duration. ``read_shard_codes`` reads a shard back
-without copying the codes.
+(kind, ``n_q``, sample rate, hop, frame rate, codebook size, weights sha256, and for the semantic
+codec the w2v-BERT folder/stats sha256, layer and dtype) is in the Parquet schema metadata under
+``indextts.codes``. ``index_codes`` gathers the shards into ``codes/index.json`` and checks every
+row's frame count against its duration. ``read_shard_codes`` reads a shard back without copying
+the codes.
 
 Inside a shard: DataLoader workers read audio with soundfile, downmix to mono and resample to the
-codec rate; the main process encodes batches of similar length (see ``CodesConfig`` for the
-per-device policy) with :func:`indextts.codec.encode_batch`, whose codes equal DAC encoding each
-utterance alone. Audio that vanished, became unreadable or holds NaN/inf after cleaning is
-rejected with a reason and the shard still completes. Output is written atomically and is a pure
-function of (manifest, codec weights, config, device kind): a killed job reruns to the same bytes.
+codec rate (for the semantic codec they also compute w2v-BERT's fbank inputs); the main process
+encodes batches of similar length (see ``CodesConfig`` for the per-device policy) with
+:func:`indextts.codec.encode_batch`, whose codes equal DAC encoding each utterance alone, or with
+:class:`indextts.semantic_codec.SemanticEncoder`, whose codec masks padding the same way.
+Audio that vanished, became unreadable, holds NaN/inf after cleaning or is too short for the
+codec is rejected with a reason and the shard still completes. Output is written atomically and is
+a pure function of (manifest, codec weights, config, device kind): a killed job reruns to the same
+bytes.
 """
 
 from __future__ import annotations
@@ -43,11 +51,13 @@ from indextts.files import atomic_path, sha256_file, write_json
 
 if TYPE_CHECKING:
     from indextts.codec import CodecConfig
+    from indextts.features import PromptFeaturesConfig
 
 # Parquet schema-metadata key holding the codec description (JSON).
 META_KEY = b"indextts.codes"
 FORMAT_VERSION = 1
-REJECT_REASONS = ("missing_file", "unreadable", "non_finite")
+# too_short: under one frame of the semantic codec (w2v-BERT's 25 ms window); DAC takes any length.
+REJECT_REASONS = ("missing_file", "unreadable", "non_finite", "too_short")
 META_COLUMNS = ("utt_id", "speaker", "text", "language", "emotion", "audio_path", "duration", "n_frames")
 # Columns of clean.parquet this stage reads.
 _MANIFEST_COLUMNS = ["utt_id", "speaker", "text", "language", "emotion", "audio_path", "duration"]
@@ -190,13 +200,19 @@ def read_audio(path: str, sample_rate: int, resamplers: dict | None = None) -> n
 
 class _ShardAudio:
     """A map-style dataset whose items are whole planned batches: read, mono, resampled and
-    zero-padded into one ``(B, T)`` float32 array in the worker, so the main process only encodes."""
+    zero-padded into one ``(B, T)`` float32 array in the worker, so the main process only encodes.
 
-    def __init__(self, paths: Sequence[str], batches: list[list[int]], sample_rate: int):
+    With ``prepare`` (the semantic codec's fbank front end), the item's ``audio`` is what
+    ``prepare(waves)`` returns instead, and audio shorter than ``min_samples`` is rejected."""
+
+    def __init__(self, paths: Sequence[str], batches: list[list[int]], sample_rate: int, prepare=None,
+                 min_samples: int = 1):
         self.paths = list(paths)
         self.batches = batches
         self.sample_rate = sample_rate
         self.resamplers: dict = {}
+        self.prepare = prepare
+        self.min_samples = min_samples
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -205,12 +221,17 @@ class _ShardAudio:
         rows, waves, rejects = [], [], []
         for r in self.batches[k]:
             try:
-                waves.append(read_audio(self.paths[r], self.sample_rate, self.resamplers))
+                wave = read_audio(self.paths[r], self.sample_rate, self.resamplers)
+                if len(wave) < self.min_samples:
+                    raise AudioFault("too_short", f"{len(wave)} samples at {self.sample_rate} Hz, the codec needs {self.min_samples}")
+                waves.append(wave)
                 rows.append(r)
             except AudioFault as e:
                 rejects.append((r, e.reason, e.detail))
         audio = None
-        if waves:
+        if waves and self.prepare is not None:
+            audio = self.prepare(waves)
+        elif waves:
             # numpy, not torch: a tensor would travel to the main process through a shared-memory
             # file per item, which costs more than pickling these few hundred KiB.
             audio = np.zeros((len(waves), max(len(w) for w in waves)), dtype=np.float32)
@@ -248,6 +269,8 @@ def _read_manifest_shard(manifest: Path, shard: int, n_shards: int) -> pa.Table:
 def _codec_metadata(info, shard: int, n_shards: int) -> dict:
     return {
         "format": FORMAT_VERSION,
+        "kind": info.kind,
+        **dict(info.extra),
         "n_q": info.n_q,
         "sample_rate": info.sample_rate,
         "hop_length": info.hop_length,
@@ -328,8 +351,11 @@ def extract_codes(
     threads: int | None = None,
     progress: bool = True,
     on_batch=None,
+    features_cfg: PromptFeaturesConfig | None = None,
+    features_output: str | Path | None = None,
 ) -> tuple[Path, Path]:
-    """Encode one shard of the clean manifest into DAC codes.
+    """Encode one shard of the clean manifest into codes: DAC's, or with ``codec.kind: semantic``
+    the MaskGCT semantic codec's over w2v-BERT 2.0 (one codebook of 8192, 50 frames/s).
 
     Args:
         codec_cfg: the ``codec`` section (:class:`indextts.codec.CodecConfig`).
@@ -343,31 +369,56 @@ def extract_codes(
             those the workers do not take (None: torch's default).
         progress: show a progress bar (audio seconds per wall second) on stderr.
         on_batch: called as ``on_batch(batch_number)`` after each encoded batch (for tests).
+        features_cfg: the ``features`` section; with ``store`` (semantic codec only), each kept
+            utterance's normalised w2v-BERT features (fp16, a crop of at most
+            ``max_ref_seconds``) go to ``features_output`` (default ``codes/features/<shard>``).
+        features_output: the features Parquet file to write (see
+            :class:`indextts.features.PromptFeatureStore`).
 
     Returns:
         ``(output, rejects)`` as Paths.
 
     Raises:
-        ConfigError: bad shard index, device or manifest.
-        indextts.codec.CodecLoadError: the weights cannot be loaded.
+        ConfigError: bad shard index, device or manifest, or stored features asked of DAC.
+        indextts.codec.CodecLoadError, indextts.semantic_codec.SemanticCodecLoadError,
+            indextts.features.W2VBertLoadError: the weights cannot be loaded.
     """
     import torch
 
     from indextts.codec import encode_padded, load_codec, resolve_device
+    from indextts.features import crop_window, features_path_for, features_table, write_features
 
     n = codes_cfg.n_shards
     if not 0 <= shard < n:
         raise ConfigError(f"shard {shard} is outside 0..{n - 1} (codes.n_shards = {n})")
+    semantic = codec_cfg.kind == "semantic"
+    store = features_cfg is not None and features_cfg.store
+    if store and not semantic:
+        raise ConfigError(
+            "features.store is true but codec.kind is 'dac': stored prompt features are the semantic codec's "
+            "w2v-BERT features; set codec.kind: semantic, or features.store: false (DAC models read log-mel)"
+        )
     output, rejects, manifest = Path(output), Path(rejects), Path(manifest)
-    _remove_stale_temporaries(output)
-    _remove_stale_temporaries(rejects)
+    features_output = (Path(features_output) if features_output else features_path_for(output)) if store else None
+    for out in (output, rejects, features_output):
+        if out is not None:
+            _remove_stale_temporaries(out)
     device = resolve_device(codec_cfg.device)
     workers = codes_cfg.workers_for(device.type)
     if threads:
         # On a CPU the workers' cores come out of the job's threads; on a GPU the encoder
         # hardly uses the CPU and the workers run beside it.
         torch.set_num_threads(max(1, int(threads) - (workers if device.type == "cpu" else 0)))
-    model, info = load_codec(codec_cfg.weights, device, codec_cfg.n_quantizers)
+    if semantic:
+        from indextts.features import W2V_BERT_MIN_SAMPLES
+        from indextts.semantic_codec import load_semantic_encoder
+
+        model = load_semantic_encoder(codec_cfg, device)
+        info = model.info
+        prepare, min_samples = model.prepare, W2V_BERT_MIN_SAMPLES
+    else:
+        model, info = load_codec(codec_cfg.weights, device, codec_cfg.n_quantizers)
+        prepare, min_samples = None, 1
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # an algorithm picked by timing may differ per run
         torch.backends.cudnn.deterministic = True
@@ -381,7 +432,7 @@ def extract_codes(
     plan = plan_batches([durations[r] for r in order], codes_cfg.batch_seconds_for(device.type), codes_cfg.max_batch_size)
     batches = [[order[p] for p in b] for b in plan]
 
-    dataset = _ShardAudio(paths, batches, info.sample_rate)
+    dataset = _ShardAudio(paths, batches, info.sample_rate, prepare, min_samples)
     workers = min(workers, len(batches))
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -396,6 +447,7 @@ def extract_codes(
     from tqdm import tqdm
 
     codes: dict[int, np.ndarray] = {}
+    prompts: dict[int, tuple[np.ndarray, int, int]] = {}  # row -> (fp16 crop, start frame, total frames)
     faults: dict[int, tuple[str, str]] = {}
     total = float(durations.sum())
     start = time.perf_counter()
@@ -413,7 +465,17 @@ def extract_codes(
     )
     done_seconds, done_ms = 0.0, 0
     for item in loader:
-        if item["audio"] is not None:
+        if item["audio"] is not None and semantic:
+            batch_codes, feats = model.encode(item["audio"])  # (B, 1, F), (B, F, dim) on the device
+            host = batch_codes.to(torch.int16).cpu().numpy()
+            if store:
+                feats = feats.to(torch.float16).cpu().numpy()
+            for i, (r, frames) in enumerate(zip(item["rows"], item["audio"]["frames"].tolist())):
+                codes[r] = host[i, :, :frames]
+                if store:
+                    first, length = crop_window(utt_ids[r], frames, features_cfg.max_frames)
+                    prompts[r] = (feats[i, first : first + length], first, frames)
+        elif item["audio"] is not None:
             audio = torch.from_numpy(item["audio"])[:, None, :]  # (B, 1, T)
             if device.type == "cuda":
                 audio = audio.pin_memory().to(device, non_blocking=True)
@@ -448,6 +510,15 @@ def extract_codes(
         schema=REJECTS_SCHEMA,
     )
     _write_parquet(reject_table, rejects)
+    if store:
+        feature_meta = {"format": FORMAT_VERSION, "dim": int(dict(info.extra)["feature_dim"]), "frame_rate": info.frame_rate,
+                        "max_ref_seconds": features_cfg.max_ref_seconds, "shard": shard, "n_shards": n,
+                        **{k: v for k, v in info.extra if k != "feature_dim"}}
+        write_features(
+            features_table([utt_ids[r] for r in kept], [prompts[r][0] for r in kept], [prompts[r][1] for r in kept],
+                           [prompts[r][2] for r in kept], feature_meta),
+            features_output,
+        )
     _write_parquet(table, output)
 
     seconds = float(durations[kept].sum()) if kept else 0.0
@@ -464,6 +535,33 @@ def extract_codes(
 
 # --------------------------------------------------------------------------------------------
 # Index
+
+
+def _check_features(path: Path, shard: Path, ids: list[str], frames: np.ndarray, root: Path, problems: list[str]) -> dict:
+    """The index entry of a shard's prompt features file; disagreements go to ``problems``."""
+    from indextts.features import FEATURES_META_KEY
+
+    if not path.is_file():
+        problems.append(f"{path}: the prompt features of {shard.name} are missing; rerun extract_codes")
+        return {"path": os.path.relpath(path, root)}
+    pf = pq.ParquetFile(path)
+    if FEATURES_META_KEY not in (pf.schema_arrow.metadata or {}):
+        problems.append(f"{path}: not a prompt features file")
+        return {"path": os.path.relpath(path, root)}
+    t = pf.read(columns=["utt_id", "n_frames", "total_frames"])
+    f_ids = t.column("utt_id").to_pylist()
+    if f_ids != ids:
+        problems.append(f"{path}: holds {len(f_ids)} utterances, {shard.name} holds {len(ids)} (or in another order); rerun extract_codes")
+    elif (t.column("total_frames").to_numpy() != frames).any():
+        bad = int(np.flatnonzero(t.column("total_frames").to_numpy() != frames)[0])
+        problems.append(f"{path}: {ids[bad]} has features of {t.column('total_frames')[bad]} frames, codes of {frames[bad]}")
+    return {
+        "path": os.path.relpath(path, root),
+        "rows": t.num_rows,
+        "frames": int(np.asarray(t.column("n_frames").to_numpy(), dtype=np.int64).sum()),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
 
 
 def _shard_meta(path: Path) -> dict:
@@ -484,17 +582,21 @@ def index_codes(
     shards: Sequence[str | Path],
     rejects: Sequence[str | Path],
     output: str | Path,
+    features: Sequence[str | Path] | None = None,
 ) -> Path:
     """Gather code shards into ``index.json`` after checking them.
 
     Checks: every shard was made by the same codec and for ``codes_cfg.n_shards`` shards; each
     manifest utterance is in exactly one shard or one rejects file; every row's ``n_frames`` is
-    within ``codes_cfg.frame_tolerance`` frames of ``duration x frame_rate``.
+    within ``codes_cfg.frame_tolerance`` frames of ``duration x frame_rate``; with ``features``,
+    each shard's prompt features file holds exactly its rows, with the same frame counts.
 
-    Index layout: ``codec`` (n_q, sample_rate, hop_length, frame_rate, codebook_size,
-    weights_sha256), ``shards`` (per shard: path relative to the index's folder, rows, rejected,
-    frames, seconds, hours, sha256, rejects path), ``totals`` (rows, rejected, frames, seconds, hours,
-    rejects_by_reason), ``rejects`` (utt_id, shard, reason, detail), ``frame_check``.
+    Index layout: ``codec`` (kind, n_q, sample_rate, hop_length, frame_rate, codebook_size,
+    weights_sha256, and for the semantic codec the w2v-BERT identity), ``shards`` (per shard: path
+    relative to the index's folder, rows, rejected, frames, seconds, hours, sha256, rejects path,
+    and ``features`` {path, rows, frames, bytes, sha256} when stored), ``totals`` (rows, rejected,
+    frames, seconds, hours, rejects_by_reason, shard_bytes and, when stored, feature_bytes), ``rejects`` (utt_id,
+    shard, reason, detail), ``frame_check``.
 
     Returns:
         ``output`` as a Path.
@@ -507,6 +609,9 @@ def index_codes(
     rejects = [Path(r) for r in rejects]
     if len(shards) != len(rejects):
         raise ValueError("index_codes: give one rejects file per shard")
+    feature_files = [Path(f) for f in features] if features else [None] * len(shards)
+    if len(feature_files) != len(shards):
+        raise ValueError("index_codes: give one features file per shard (or none)")
     n = codes_cfg.n_shards
     tol = codes_cfg.frame_tolerance
     codec: dict | None = None
@@ -515,9 +620,11 @@ def index_codes(
     max_diff = 0.0
     by_reason = {r: 0 for r in REJECT_REASONS}
     shard_numbers = set()
-    for path, rej_path in zip(shards, rejects):
+    for path, rej_path, feat_path in zip(shards, rejects, feature_files):
         meta = _shard_meta(path)
-        here = {k: meta[k] for k in ("n_q", "sample_rate", "hop_length", "frame_rate", "codebook_size", "weights_sha256")}
+        # Everything but the shard's place identifies the codec (kind, sizes, weight hashes).
+        here = {k: v for k, v in meta.items() if k not in ("format", "shard", "n_shards")}
+        here.setdefault("kind", "dac")
         if codec is None:
             codec = here
         elif here != codec:
@@ -554,9 +661,12 @@ def index_codes(
                 "seconds": round(float(dur.sum()), 3),
                 "hours": round(float(dur.sum()) / 3600.0, 6),
                 "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
                 "rejects_path": os.path.relpath(rej_path, output.parent),
             }
         )
+        if feat_path is not None:
+            entries[-1]["features"] = _check_features(feat_path, path, ids, frames, output.parent, problems)
     if shard_numbers != set(range(n)) or len(shards) != n:
         problems.append(f"expected shards 0..{n - 1} once each, got {len(shards)} files for shards {sorted(shard_numbers)}")
     wanted = pq.read_table(manifest, columns=["utt_id"]).column("utt_id").to_pylist()
@@ -588,6 +698,8 @@ def index_codes(
             "seconds": round(sum(e["seconds"] for e in entries), 3),
             "hours": round(sum(e["seconds"] for e in entries) / 3600.0, 6),
             "rejects_by_reason": by_reason,
+            "shard_bytes": sum(e["bytes"] for e in entries),
+            **({"feature_bytes": sum(e["features"]["bytes"] for e in entries)} if features else {}),
         },
         "rejects": sorted(all_rejects, key=lambda r: r["utt_id"]),
         "frame_check": {"tolerance_frames": tol, "rows_checked": rows, "max_abs_diff_frames": round(max_diff, 4), "failed": 0},
@@ -599,6 +711,11 @@ def index_codes(
         f"frames within {max_diff:.2f} of duration x {codec['frame_rate']:g}/s",
         file=sys.stderr,
     )
+    hours = max(index["totals"]["hours"], 1e-12)
+    disk = f"shards {index['totals']['shard_bytes'] / hours / 1e6:.1f} MB per hour of audio"
+    if features:
+        disk += f", prompt features {index['totals']['feature_bytes'] / hours / 1e6:.1f} MB per hour"
+    print(f"disk: {disk}", file=sys.stderr)
     for r in all_rejects:
         print(f"  rejected {r['utt_id']} ({r['shard']}): {r['reason']}: {r['detail']}", file=sys.stderr)
     return output
@@ -723,13 +840,14 @@ def _sections(arg: str, runtime: str | None = None):
 
 def cli_extract_codes(argv: list[str]) -> int:
     """``indextts extract-codes``: encode one shard."""
-    p = argparse.ArgumentParser(prog="indextts extract-codes", description="Encode one shard of clean.parquet into DAC codes.")
-    p.add_argument("--config", required=True, help="inline JSON with the codec and codes sections, or a YAML file")
+    p = argparse.ArgumentParser(prog="indextts extract-codes", description="Encode one shard of clean.parquet into codes (DAC or semantic).")
+    p.add_argument("--config", required=True, help="inline JSON with the codec, codes (and features) sections, or a YAML file")
     p.add_argument("--manifest", required=True, help="clean.parquet")
     p.add_argument("--runtime", default=None, help="inline JSON of runtime knobs laid over --config (what the rules pass)")
     p.add_argument("--shard", required=True, type=int, help="shard index, 0 <= shard < codes.n_shards")
     p.add_argument("--output", required=True, help="the shard Parquet file to write")
     p.add_argument("--rejects", required=True, help="the rejects Parquet file to write")
+    p.add_argument("--features", default=None, help="the prompt features Parquet file to write (with features.store)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the job (the rule's threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -740,7 +858,10 @@ def cli_extract_codes(argv: list[str]) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     codec_cfg, codes_cfg = _sections(args.config, args.runtime)
     from indextts.codec import CodecLoadError
+    from indextts.features import PromptFeaturesConfig, W2VBertLoadError
+    from indextts.semantic_codec import SemanticCodecLoadError
 
+    features_cfg = get_section(PromptFeaturesConfig, load_config_arg(args.config), "features")
     try:
         extract_codes(
             codec_cfg,
@@ -751,8 +872,10 @@ def cli_extract_codes(argv: list[str]) -> int:
             args.rejects,
             threads=args.threads,
             progress=not args.no_progress,
+            features_cfg=features_cfg,
+            features_output=args.features,
         )
-    except CodecLoadError as e:
+    except (CodecLoadError, SemanticCodecLoadError, W2VBertLoadError) as e:
         print(f"indextts extract-codes: {e}", file=sys.stderr)
         return 1
     return 0
@@ -766,11 +889,12 @@ def cli_index_codes(argv: list[str]) -> int:
     p.add_argument("--runtime", default=None, help="inline JSON of runtime knobs laid over --config (what the rules pass)")
     p.add_argument("--shards", required=True, nargs="+", help="every shard file, in shard order")
     p.add_argument("--rejects", required=True, nargs="+", help="every rejects file, in the same order")
+    p.add_argument("--features", nargs="*", default=None, help="every prompt features file, in the same order (features.store)")
     p.add_argument("--output", required=True, help="index.json to write")
     args = p.parse_args(argv)
     codes_cfg = get_section(CodesConfig, _load_config(args.config, args.runtime), "codes")
     try:
-        index_codes(codes_cfg, args.manifest, args.shards, args.rejects, args.output)
+        index_codes(codes_cfg, args.manifest, args.shards, args.rejects, args.output, features=args.features)
     except CodesIndexError as e:
         print(str(e), file=sys.stderr)
         return 1

@@ -1,9 +1,15 @@
 # Codec codes: the demo codec, extract_codes (one job per shard) and index_codes (gather).
-# Extraction reads only the codec and codes config sections and the codec/codes modules, never
-# the vocabulary: a vocab change does not re-encode audio, a codec change does.
+# Extraction reads only the codec and codes config sections (and features, when it stores them)
+# and the codec/codes modules, never the vocabulary: a vocab change does not re-encode audio, a
+# codec change does. codec.kind semantic runs w2v-BERT 2.0 + the MaskGCT codec instead of DAC.
 
 CODES = f"{RESULTS}/codes"
 SHARD_FILES = [f"{shard_name(i)}.parquet" for i in range(n_shards())]
+SEMANTIC = config["codec"]["kind"] == "semantic"
+# features.store: extract_codes also writes codes/features/<shard> (the semantic codec's inputs).
+STORE_FEATURES = bool(config["features"]["store"])
+FEATURE_OUTPUT = f"{CODES}/features/shard-{{shard}}-of-{n_shards():05d}.parquet"
+FEATURE_FILES = expand(f"{CODES}/features/{{name}}", name=SHARD_FILES) if STORE_FEATURES else []
 
 
 if config["demo"]["enabled"]:
@@ -23,9 +29,10 @@ if config["demo"]["enabled"]:
 
 rule extract_codes:
     input:
+        unpack(get_codec_files),
         clean=f"{RESULTS}/clean/clean.parquet",
-        weights=config["codec"]["weights"],
     output:
+        **({"features": FEATURE_OUTPUT} if STORE_FEATURES else {}),
         shard=f"{CODES}/shard-{{shard}}-of-{n_shards():05d}.parquet",
         rejects=f"{CODES}/rejects/shard-{{shard}}-of-{n_shards():05d}.parquet",
     log:
@@ -39,15 +46,18 @@ rule extract_codes:
     resources:
         # A GPU unless the config pins the codec to the CPU (then none is held for nothing).
         gpu=0 if config["codec"]["device"] == "cpu" else 1,
-        mem_mb=8000,
+        # w2v-BERT 2.0 is 2.3 GB in fp32, beside its activations.
+        mem_mb=16000 if SEMANTIC else 8000,
     params:
-        cfg=stage_config("codec", "codes"),
-        code=code_id("codec", "codes", *CORE),
+        cfg=stage_config("codec", "codes", *(["features"] if STORE_FEATURES else [])),
+        code=code_id("codec", "codes", *(["features", "semantic_codec"] if SEMANTIC else []), *CORE),
+        features=features_arg,
         runtime=runtime_params,
     shell:
         "indextts extract-codes --config {params.cfg:q} --runtime {params.runtime:q}"
         " --manifest {input.clean:q} --shard {wildcards.shard}"
-        " --output {output.shard:q} --rejects {output.rejects:q} --threads {threads} > {log} 2>&1"
+        " --output {output.shard:q} --rejects {output.rejects:q}{params.features} --threads {threads}"
+        " > {log} 2>&1"
 
 
 rule index_codes:
@@ -55,6 +65,7 @@ rule index_codes:
         clean=f"{RESULTS}/clean/clean.parquet",
         shards=expand(f"{CODES}/{{name}}", name=SHARD_FILES),
         rejects=expand(f"{CODES}/rejects/{{name}}", name=SHARD_FILES),
+        features=FEATURE_FILES,
     output:
         index=f"{CODES}/index.json",
     log:
@@ -63,12 +74,13 @@ rule index_codes:
         "../envs/indextts.yaml"
     params:
         cfg=stage_config("codes"),
-        code=code_id("codes", *CORE),
+        code=code_id("codes", *(["features"] if STORE_FEATURES else []), *CORE),
+        features=features_arg,
         runtime=runtime_params,
     shell:
         "indextts index-codes --config {params.cfg:q} --runtime {params.runtime:q}"
         " --manifest {input.clean:q} --shards {input.shards:q}"
-        " --rejects {input.rejects:q} --output {output.index:q} > {log} 2>&1"
+        " --rejects {input.rejects:q}{params.features} --output {output.index:q} > {log} 2>&1"
 
 
 _EXTRA_TARGETS.append(f"{CODES}/index.json")

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from indextts.codec import CodecConfig, load_codec, make_demo_codec
+from indextts.config import ConfigError
 from indextts.codes import (
     META_COLUMNS,
     CodesConfig,
@@ -252,7 +253,7 @@ def test_vanished_unreadable_and_nan_audio_are_rejected_and_reported(tmp_path, w
     assert kept == sorted(set(clean.index) - {"utt001", "utt002", "utt003"})  # the shards completed
     data = json.loads(index_codes(codes_cfg, manifest, shards, rejects, tmp_path / "index.json").read_text())
     assert data["totals"]["rejected"] == 3
-    assert data["totals"]["rejects_by_reason"] == {"missing_file": 1, "unreadable": 1, "non_finite": 1}
+    assert data["totals"]["rejects_by_reason"] == {"missing_file": 1, "unreadable": 1, "non_finite": 1, "too_short": 0}
     assert {r["utt_id"]: r["reason"] for r in data["rejects"]} == dict(rej["reason"])
     assert sum(s["rejected"] for s in data["shards"]) == 3
 
@@ -363,6 +364,101 @@ def test_empty_shards_are_written_and_indexed(tmp_path, weights):
 
 
 # --------------------------------------------------------------------------------------------
+# The semantic codec (codec.kind semantic): w2v-BERT 2.0 + MaskGCT codec, tiny random models
+
+
+@pytest.fixture(scope="module")
+def semantic(tmp_path_factory) -> dict:
+    """The ``codec`` section of a tiny random w2v-BERT + semantic codec pair."""
+    from indextts.semantic_codec import make_tiny_semantic
+
+    return make_tiny_semantic(tmp_path_factory.mktemp("semantic"))
+
+
+def _extract_semantic(codec: dict, manifest: Path, out: Path, features=None, **codes) -> tuple[list[Path], list[Path]]:
+    codec_cfg = CodecConfig(**codec)
+    codes_cfg = CodesConfig(**{"n_shards": 2, "num_workers_cpu": 0, "batch_seconds_cpu": 0.0, **codes})
+    shards, rejects = [], []
+    for i in range(codes_cfg.n_shards):
+        name = shard_file_name(i, codes_cfg.n_shards)
+        s, r = extract_codes(codec_cfg, codes_cfg, manifest, i, out / name, out / "rejects" / name, threads=1,
+                             progress=False, features_cfg=features)
+        shards.append(s)
+        rejects.append(r)
+    return shards, rejects
+
+
+def test_semantic_shards_hold_one_stream_at_50_per_second_equal_to_each_utterance_alone(tmp_path, semantic):
+    from indextts.features import PromptFeatureStore, PromptFeaturesConfig, crop_window, features_path_for, w2v_bert_frames
+    from indextts.semantic_codec import TINY_CODEC, load_semantic_encoder
+
+    manifest = write_clean(tmp_path, n=12, seed=4)
+    feats_cfg = PromptFeaturesConfig(store=True, max_ref_seconds=1.0)
+    one, one_rej = _extract_semantic(semantic, manifest, tmp_path / "one", feats_cfg)
+    batched, _ = _extract_semantic(semantic, manifest, tmp_path / "batched", feats_cfg, batch_seconds_cpu=30.0,
+                                   max_batch_size=64, num_workers_cpu=2)
+    assert [sha256_file(s) for s in one] == [sha256_file(s) for s in batched]  # batching changes no byte
+    clean = pq.read_table(manifest).to_pandas().set_index("utt_id")
+    assert len(plan_batches(sorted(clean["duration"]), 30.0, 64)) < len(clean)  # it did batch
+    encoder = load_semantic_encoder(CodecConfig(**semantic))
+    store = PromptFeatureStore([features_path_for(s) for s in one])
+    store_b = PromptFeatureStore([features_path_for(s) for s in batched])
+    n_seen = 0
+    for path in one:
+        sc = read_shard_codes(path)
+        assert sc.n_q == 1 and sc.frame_rate == 50.0
+        assert sc.codec["kind"] == "semantic" and sc.codec["codebook_size"] == TINY_CODEC.codebook_size
+        assert sc.codec["weights_sha256"] == sha256_file(semantic["weights"]) and len(sc.codec["w2v_bert_sha256"]) == 64
+        for j, utt in enumerate(sc.meta["utt_id"]):
+            wave = read_audio(clean.loc[utt, "audio_path"], 16000)
+            inputs = encoder.prepare([wave])
+            n = int(inputs["frames"][0])
+            alone_codes, alone_feats = encoder.encode(inputs)
+            codes = sc.codes(j)
+            assert codes.shape == (1, n) and n == w2v_bert_frames(len(wave))
+            np.testing.assert_array_equal(codes, alone_codes[0, :, :n].numpy(), err_msg=utt)
+            stored = store.get(utt)
+            assert stored.shape == (min(codes.shape[1], 50), 32)
+            start, _ = crop_window(utt, n, 50)
+            want = alone_feats[0, start : start + len(stored)].numpy().astype(np.float16).astype(np.float32)
+            np.testing.assert_allclose(stored, want, atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(store_b.get(utt), stored, atol=2e-3, rtol=2e-3)
+            n_seen += 1
+    assert n_seen == len(clean)
+    features = [features_path_for(s) for s in one]
+    data = json.loads(index_codes(CodesConfig(n_shards=2), manifest, one, one_rej, tmp_path / "index.json",
+                                  features=features).read_text())
+    assert data["codec"]["kind"] == "semantic" and data["codec"]["n_q"] == 1 and data["codec"]["frame_rate"] == 50.0
+    assert data["frame_check"]["max_abs_diff_frames"] < 2.0  # 50/s less the fbank's last partial window
+    assert data["totals"]["feature_bytes"] == sum(f.stat().st_size for f in features)
+    assert [s["features"]["rows"] for s in data["shards"]] == [len(read_shard_codes(s)) for s in one]
+    # An index over features that miss a shard's rows fails, naming the file.
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(features[1].read_bytes())
+    with pytest.raises(CodesIndexError, match="broken.parquet: holds"):
+        index_codes(CodesConfig(n_shards=2), manifest, one, one_rej, tmp_path / "bad.json", features=[broken, features[0]])
+
+
+def test_semantic_rejects_audio_too_short_for_one_frame_and_dac_cannot_store_features(tmp_path, semantic, weights):
+    from indextts.features import PromptFeaturesConfig
+
+    manifest = write_clean(tmp_path, n=6, seed=5)
+    clean = pq.read_table(manifest).to_pandas().set_index("utt_id")
+    sf.write(clean.loc["utt002", "audio_path"], np.zeros(500, np.float32), 16000)  # 31 ms: under two fbank windows
+    shards, rejects = _extract_semantic(semantic, manifest, tmp_path / "codes")
+    rej = pa.concat_tables([pq.read_table(r) for r in rejects]).to_pandas().set_index("utt_id")
+    assert dict(rej["reason"]) == {"utt002": "too_short"} and "560" in rej.loc["utt002", "detail"]
+    codec_cfg, codes_cfg = _cfgs(weights)
+    with pytest.raises(ConfigError, match="features.store is true but codec.kind is 'dac'"):
+        extract_codes(codec_cfg, codes_cfg, manifest, 0, tmp_path / "d.parquet", tmp_path / "r.parquet",
+                      features_cfg=PromptFeaturesConfig(store=True))
+    with pytest.raises(ConfigError, match="codec.w2v_bert and codec.w2v_bert_stats"):
+        CodecConfig(weights="x", kind="semantic")
+    with pytest.raises(ConfigError, match="one code stream"):
+        CodecConfig(**{**semantic, "n_quantizers": 2})
+
+
+# --------------------------------------------------------------------------------------------
 # The rules, with the real snakemake
 
 
@@ -415,3 +511,78 @@ def test_rules_rerun_extraction_on_codec_change_not_on_vocab_change(tmp_path, we
     assert re.search(r"extract_codes\s+2\b", plan) and re.search(r"index_codes\s+1\b", plan), plan
     _snakemake(tmp_path, "results/codes/index.json")
     assert read_shard_codes(shard0).n_q == 2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_semantic_extraction_of_the_demo_corpus_through_the_rules(tmp_path):
+    """codec.kind semantic with the tiny w2v-BERT and codec, through the real snakemake: the demo
+    corpus goes to one stream of codes at 50 frames/s with stored prompt features; batched and
+    one-at-a-time extraction write the same shard bytes; a forced rerun writes the same bytes."""
+    import shutil
+
+    from indextts.features import PromptFeatureStore, w2v_bert_frames
+    from indextts.semantic_codec import TINY_CODEC, make_tiny_semantic
+    from tests.workflow_util import copy_workflow, edit_config, planned_jobs, snakemake
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (make install puts it there)")
+    (tmp_path / "wf").mkdir()
+    wd = copy_workflow(tmp_path / "wf")
+    # The rules name envs/indextts.yaml (conda:); snakemake records it even without --sdm conda.
+    shutil.copytree(REPO / "envs", wd / "envs", dirs_exist_ok=True)
+    codec = make_tiny_semantic(tmp_path / "models")
+
+    def semantic(cfg, batch_seconds=0.0):
+        cfg["demo"]["n_utterances"] = 40
+        cfg["codec"] = codec
+        cfg["features"] = {"store": True, "max_ref_seconds": 2.0}
+        cfg["codes"].update(n_shards=2, batch_seconds_cpu=batch_seconds, max_batch_size=16)
+
+    edit_config(wd, semantic)
+    # After an option of one value: the helpers end their command line with --resources, whose
+    # values would take a bare target.
+    target = ("--cores", "2", "results/codes/index.json")
+    snakemake(wd, *target)
+    codes_dir = wd / "results" / "codes"
+    index = json.loads((codes_dir / "index.json").read_text())
+    assert index["codec"]["kind"] == "semantic" and index["codec"]["n_q"] == 1
+    assert index["codec"]["codebook_size"] == TINY_CODEC.codebook_size and index["codec"]["frame_rate"] == 50.0
+    assert index["totals"]["rows"] == 40 and index["totals"]["rejected"] == 0
+    assert index["frame_check"]["max_abs_diff_frames"] < 2.0
+    clean = pq.read_table(wd / "results/clean/clean.parquet").to_pandas().set_index("utt_id")
+    shards = sorted(codes_dir.glob("shard-*.parquet"))
+    features = [codes_dir / "features" / s.name for s in shards]
+    store = PromptFeatureStore(features)
+    assert len(store) == 40 and store.dim == 32
+    for s in shards:
+        sc = read_shard_codes(s)
+        for j, utt in enumerate(sc.meta["utt_id"]):
+            wave = read_audio(clean.loc[utt, "audio_path"], 16000)
+            assert sc.codes(j).shape == (1, w2v_bert_frames(len(wave)))
+            assert abs(sc.codes(j).shape[1] - clean.loc[utt, "duration"] * 50) < 2
+            assert len(store.get(utt)) == min(sc.codes(j).shape[1], 100)
+    outputs = sorted(codes_dir.rglob("*.parquet")) + [codes_dir / "index.json"]
+    first = {p.relative_to(codes_dir): sha256_file(p) for p in outputs}
+    first_feats = {u: store.get(u) for u in clean.index}
+    assert planned_jobs(wd, *target) == {}
+
+    # The same shards when forced to run again, and when batched (a runtime knob: no rerun by itself).
+    snakemake(wd, "--forcerun", "extract_codes", *target)
+    assert {p.relative_to(codes_dir): sha256_file(p) for p in outputs} == first
+    edit_config(wd, lambda cfg: semantic(cfg, batch_seconds=30.0))
+    assert planned_jobs(wd, *target) == {}
+    snakemake(wd, "--forcerun", "extract_codes", *target)
+    log = (wd / "logs/codes/shard-00000.log").read_text()
+    utterances, batches = re.search(r"(\d+) utterances .* \((\d+) batches", log).groups()
+    assert int(batches) < int(utterances)  # it did batch
+    assert {Path(s.name): sha256_file(s) for s in shards} == {Path(s.name): first[Path(s.name)] for s in shards}
+    store = PromptFeatureStore(features)
+    for u, f in first_feats.items():
+        np.testing.assert_allclose(store.get(u), f, atol=2e-3, rtol=2e-3)
+
+    # A w2v-BERT change re-encodes; a vocabulary change does not.
+    edit_config(wd, lambda cfg: cfg["vocab"].update(vocab_size=cfg["vocab"]["vocab_size"] + 1))
+    assert not {"extract_codes", "index_codes"} & set(planned_jobs(wd, *target))
+    edit_config(wd, lambda cfg: cfg["codec"].update(w2v_bert_layer=1))
+    assert planned_jobs(wd, *target) == {"extract_codes": 2, "index_codes": 1}
