@@ -273,6 +273,21 @@ class CodesDataset(torch.utils.data.Dataset):
     def _crop_features(self, j: int, epoch: int, salt: tuple[int, ...]) -> torch.Tensor:
         """Features ``[frames, F]`` of utterance ``j``, cropped to ``max_ref_seconds`` at a window
         drawn from (seed, epoch, *salt)."""
+        if self.features.kind == "w2v_bert":
+            # Not computed here: extract_codes stored them (features.store), the w2v-BERT pass of the
+            # semantic codes themselves; read back from codes/features/ beside the shards.
+            from indextts.features import W2V_BERT_HOP, PromptFeatureStore
+
+            if getattr(self, "_prompts", None) is None:
+                try:
+                    self._prompts = PromptFeatureStore.beside([sh.path for sh in self._shards])
+                except (FileNotFoundError, ValueError) as e:
+                    raise DataError(str(e)) from None
+                if self._prompts.dim != self.features.dim:
+                    raise DataError(f"{self._prompts.paths[0]}: stored features are {self._prompts.dim}-dim, the model "
+                                    f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
+            rng = np.random.default_rng((self.seed, epoch, *salt))
+            return self._prompts.crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
         wave = load_audio(self.meta.at[j, "audio_path"], self.features.sample_rate)
         if wave.shape[0] > self.max_ref_samples:
             rng = np.random.default_rng((self.seed, epoch, *salt))

@@ -585,10 +585,24 @@ class PromptFeatureStore:
         self._files: dict[int, Any] = {}
         self._cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
+    @classmethod
+    def beside(cls, shards: Sequence[str | Path]) -> "PromptFeatureStore":
+        """The store of the features extraction wrote beside these codes shards."""
+        return cls([features_path_for(s) for s in shards])
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_files"], state["_cache"] = {}, {}  # file handles and decoded groups stay per process
         return state
+
+    def crop(self, utt_id: str, max_frames: int, rng: np.random.Generator) -> torch.Tensor:
+        """The stored features of ``utt_id`` as a ``[frames, dim]`` float32 tensor, cut to a window
+        of at most ``max_frames`` placed by ``rng`` when longer (the data loader's prompt crop)."""
+        feats = self.get(utt_id)
+        if feats.shape[0] > max_frames:
+            start = int(rng.integers(feats.shape[0] - max_frames + 1))
+            feats = feats[start : start + max_frames]
+        return torch.from_numpy(np.ascontiguousarray(feats))
 
     def __len__(self) -> int:
         return len(self._where)

@@ -273,10 +273,16 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
     except ConfigError as e:
         raise _Fail(f"{codes_index}: {e}", {"codes_n_q": n_q, "n_codebooks": section.n_codebooks}) from e
     numbers: dict[str, Any] = {"preset": cfg.preset, "n_codebooks": cfg.n_codebooks, "codes_n_q": n_q}
-    if cfg.features.kind != "log_mel":
-        raise _Fail(
-            f"model features.kind is {cfg.features.kind!r}: the data loader computes log-mel conditioning "
-            "features only; set model.overrides.features.kind to log_mel", numbers)
+    if cfg.features.kind == "w2v_bert":
+        # The data loader reads w2v-BERT prompts stored by extract_codes; say so before the batch.
+        from indextts.features import features_path_for
+
+        missing = [p for p in map(features_path_for, shard_paths(codes_index)) if not p.is_file()]
+        if missing:
+            raise _Fail(
+                f"model features.kind is 'w2v_bert', read from the prompt features extract_codes stores, but "
+                f"{missing[0]} is missing: set features.store: true (with codec.kind: semantic) and rerun "
+                "extract_codes, or set model.overrides.features.kind to log_mel", numbers)
     torch.manual_seed(vcfg.seed)
     model = build_model(cfg)
     numbers["params"] = sum(p.numel() for p in model.parameters())

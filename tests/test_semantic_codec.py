@@ -4,6 +4,8 @@ batched quantization, and the released gpt.pth importing whole onto semantic cod
 from __future__ import annotations
 
 import struct
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,73 @@ def reference_gpt_keys():
         if line and not line.startswith("#"):
             key, shape, _ = line.split("\t")
             yield key, [int(x) for x in shape.strip("[]").split(",")]
+
+
+def test_validation_and_a_short_stage1_run_on_semantic_codes(tmp_path):
+    """Semantic codes and stored w2v-BERT prompt features from the tiny models, end to end through
+    the pre-training gate and a few stage-1 steps, with the model reading w2v_bert features."""
+    import json
+
+    from indextts.codec import CodecConfig
+    from indextts.codes import CodesConfig, extract_codes, index_codes, read_shard_codes, shard_file_name
+    from indextts.data import CodesDataset
+    from indextts.features import FeatureConfig, PromptFeaturesConfig, features_path_for
+    from indextts.semantic_codec import TINY_CODEC, TINY_W2V_BERT, make_tiny_semantic
+    from indextts.train import StageInputs, train_stage
+    from indextts.validate import validate_pipeline
+    from tests.factories import make_train_corpus
+
+    corpus = make_train_corpus(tmp_path / "corpus")  # audio, clean.parquet, bpe.model (its codes are not used)
+    codec = make_tiny_semantic(tmp_path / "models")
+    codes_cfg = CodesConfig(n_shards=2, batch_seconds_cpu=10.0)
+    out = tmp_path / "codes"
+    shards, rejects = [], []
+    for i in range(2):
+        name = shard_file_name(i, 2)
+        s, r = extract_codes(CodecConfig(**codec), codes_cfg, corpus["clean"], i, out / name, out / "rejects" / name,
+                             progress=False, features_cfg=PromptFeaturesConfig(store=True, max_ref_seconds=1.0))
+        shards.append(s)
+        rejects.append(r)
+    index = index_codes(codes_cfg, corpus["clean"], shards, rejects, out / "index.json",
+                        features=[features_path_for(s) for s in shards])
+    assert json.loads(index.read_text())["codec"]["kind"] == "semantic"
+
+    features = {"kind": "w2v_bert", "w2v_bert_dim": TINY_W2V_BERT["hidden_size"]}
+    config = {"model": {"preset": "tiny", "overrides": {"features": features}}, "codec": codec,
+              "validate": {"device": "cpu", "batch_size": 4, "max_ref_seconds": 1.0}, "vocab": {"max_unk_ratio": 0.5}}
+    report = json.loads(validate_pipeline(config, clean_path=corpus["clean"], bpe_path=corpus["bpe"], codes_index=index,
+                                          out_path=tmp_path / "validate" / "report.json").read_text())
+    assert report["ok"], report["failed"]
+    batch = next(c for c in report["checks"] if c["name"] == "batch")["numbers"]["batch"]
+    assert batch["codes"][1] == 1 and batch["cond_feats"][2] == TINY_W2V_BERT["hidden_size"]
+    assert batch["cond_feats"][1] <= 50  # the 1 s crop of the stored 50-frame prompts
+    # Codes without stored features: the gate says what to do instead of failing in a worker.
+    from indextts.validate import ValidationFailed
+
+    with pytest.raises(ValidationFailed, match="features.store: true"):
+        validate_pipeline({**config, "codec": {"weights": "dac.pth"}}, clean_path=corpus["clean"], bpe_path=corpus["bpe"],
+                          codes_index=corpus["index"], out_path=tmp_path / "validate" / "bad.json")
+
+    # The data loader's prompts are the stored features of the reference utterance.
+    ds = CodesDataset(shards, bpe_path=corpus["bpe"], features=FeatureConfig(**features), clean_path=corpus["clean"],
+                      max_ref_seconds=0.5)
+    item = ds[0]
+    j = ds.reference_index(0)
+    from indextts.features import PromptFeatureStore
+
+    stored = torch.from_numpy(PromptFeatureStore.beside(shards).get(ds.meta.at[j, "utt_id"]))
+    cond = item["cond_feats"]
+    assert cond.shape[0] == min(25, stored.shape[0]) and cond.shape[1] == 32
+    assert any(torch.equal(cond, stored[s : s + len(cond)]) for s in range(stored.shape[0] - len(cond) + 1))
+
+    train = {"seed": 0, "device": "cpu", "max_tokens": 700, "max_batch_size": 8, "num_workers": 0, "log_every": 1,
+             "val_every": 2, "state_every": 2, "progress": "lines", "max_ref_seconds": 1.0,
+             "stage1": {"max_steps": 4, "warmup_steps": 1, "lr": 0.003}}
+    stage1 = train_stage({**config, "train": train, "text": {"language": "am"}}, 1,
+                         StageInputs(codes_index=index, clean=corpus["clean"], bpe=corpus["bpe"], out_dir=tmp_path / "s1"))
+    lines = [json.loads(x) for x in (stage1 / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [m["loss"] for m in lines if "loss" in m and m.get("split", "train") == "train"]
+    assert losses and all(np.isfinite(losses))
+    meta = json.loads((stage1 / "model.json").read_text())
+    assert meta["model"]["number_mel_codes"] == TINY_CODEC.codebook_size + 2
+    assert read_shard_codes(shards[0]).n_q == 1
