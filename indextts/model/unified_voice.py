@@ -154,13 +154,14 @@ class UnifiedVoice(nn.Module):
         return x
 
     def code_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """All K heads in one matmul: hidden ``[..., D]`` -> logits ``[..., K, V]``."""
+        """The K heads side by side: hidden ``[..., D]`` -> logits ``[..., K, V]``.
+
+        Each head runs as its own module (so wrappers such as peft's modules_to_save see their
+        forward), and the K outputs are stacked once.
+        """
         if self.cfg.n_codebooks == 1:
             return self.mel_head(h).unsqueeze(-2)
-        heads = [self.mel_head, *self.extra_mel_head.values()]
-        weight = torch.cat([m.weight for m in heads])  # (K * V, D)
-        bias = torch.cat([m.bias for m in heads])
-        return F.linear(h, weight, bias).unflatten(-1, (len(heads), self.cfg.number_mel_codes))
+        return torch.stack([self.mel_head(h), *(head(h) for head in self.extra_mel_head.values())], dim=-2)
 
     # --- conditioning ------------------------------------------------------------------------
 
