@@ -93,9 +93,21 @@ def train_gpus():
     return 0 if config["train"]["device"] == "cpu" else int(config["train"]["gpus"])
 
 
-def train_launcher():
-    """One process per GPU through torchrun when a job has several, a plain process otherwise."""
+def train_launcher(wildcards, resources):
+    """``params: launch=train_launcher``: how a training job starts its processes. One process
+    for one GPU; ``torchrun --standalone`` over the ``train.gpus`` GPUs of one node; with the SLURM
+    resource ``nodes`` > 1 (README "On a SLURM cluster"), one task per node through ``srun``, each
+    a torchrun joining a c10d rendezvous on the allocation's first node. A function of resources,
+    so it is not a rerun trigger itself: train.gpus is in the stage's params already."""
     n = int(config["train"]["gpus"])
+    nodes = int(resources.get("nodes", 1) or 1)
+    if nodes > 1:
+        head = '$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | head -n 1)'
+        return (
+            f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1"
+            f" torchrun --nnodes={nodes} --nproc-per-node={n} --rdzv-backend=c10d"
+            f' --rdzv-id="$SLURM_JOB_ID" --rdzv-endpoint={head}:29500 -m indextts'
+        )
     if n > 1:
         return f"torchrun --standalone --nproc-per-node={n} -m indextts"
     return "indextts"

@@ -27,7 +27,7 @@ rule train_stage1:
         mem_mb=train_mem_mb(),
     params:
         cfg=train_config(1, "model", "text", "codec", "pretrained"),
-        launch=train_launcher(),
+        launch=train_launcher,
         code=TRAIN_CODE,
         runtime=runtime_params,
         out_dir=folder_of("meta"),
@@ -57,7 +57,7 @@ rule train_stage2:
         mem_mb=train_mem_mb(),
     params:
         cfg=train_config(2, "text", "codec"),
-        launch=train_launcher(),
+        launch=train_launcher,
         code=TRAIN_CODE,
         runtime=runtime_params,
         parent=folder_of("parent"),
@@ -87,7 +87,7 @@ rule train_stage3:
         mem_mb=train_mem_mb(),
     params:
         cfg=train_config(3, "text", "codec"),
-        launch=train_launcher(),
+        launch=train_launcher,
         code=TRAIN_CODE,
         runtime=runtime_params,
         parent=folder_of("parent"),
