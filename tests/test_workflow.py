@@ -1,4 +1,7 @@
-"""The real snakemake on the embedded demo config: end to end, exact reruns, config errors."""
+"""The real snakemake on the embedded demo config (what `make demo` runs): end to end, config errors.
+
+The rerun matrix lives in tests/test_reruns.py (on a smaller demo), SLURM in tests/test_slurm.py.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 if shutil.which("espeak-ng") is None:  # `make test` installs it; say so instead of skipping silently
     pytest.skip("espeak-ng is not installed (make install puts it there)", allow_module_level=True)
-
-PREP_DOWNSTREAM = {"train_vocab", "select_speakers"}
-TRAINING = {"train_stage1", "train_stage2", "train_stage3"}
-# Rules after training stage 3 (a change that reruns it reruns these too).
-AFTER_TRAINING: set[str] = set()
-# Rules that consume bpe.model: a vocabulary change must rerun these and nothing upstream or beside.
-VOCAB_CONSUMERS = {"validate_pipeline"} | TRAINING | AFTER_TRAINING
-# speakers.json feeds stage 2 (the classifier), so stage 2 and what follows.
-SPEAKER_CONSUMERS = {"train_stage2", "train_stage3"} | AFTER_TRAINING
-EXTRACTION = {"extract_codes", "index_codes"}
 
 
 @pytest.fixture(scope="module")
@@ -70,26 +63,10 @@ def test_planted_dirty_rows_are_rejected_with_their_reason(demo):
     assert clean["utt_id"].is_unique and set(clean["split"]) == {"train", "val"}
 
 
-def test_text_normalisation_change_reruns_clean_and_what_follows(demo):
-    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["text"].update(punctuation_map={"!": "።"})))
-    assert "clean_manifest" in jobs and PREP_DOWNSTREAM <= set(jobs)
-    assert "demo_corpus" not in jobs
 
 
-def test_top_k_change_reruns_only_select_speakers(demo):
-    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["speakers"].update(top_k=3)))
-    assert set(jobs) == {"select_speakers"} | SPEAKER_CONSUMERS  # stage 1 does not read speakers.json
 
 
-def test_editing_the_vocab_module_reruns_only_train_vocab(demo):
-    module = demo / "indextts" / "vocab.py"
-    original = module.read_text()
-    try:
-        module.write_text(original + "\n# an edit\n")
-        jobs = planned_jobs(demo)
-    finally:
-        module.write_text(original)
-    assert set(jobs) == {"train_vocab"} | VOCAB_CONSUMERS and jobs["train_vocab"] == 1
 
 
 def test_demo_dag_produces_code_shards_and_index(demo):
@@ -105,15 +82,8 @@ def test_demo_dag_produces_code_shards_and_index(demo):
     assert report["ok"] and [c["status"] for c in report["checks"]] == ["pass"] * 5
 
 
-def test_vocab_change_does_not_rerun_extraction(demo):
-    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["vocab"].update(vocab_size=200)))
-    assert set(jobs) == {"train_vocab"} | VOCAB_CONSUMERS
 
 
-def test_codec_change_reruns_extraction_and_what_follows_only(demo):
-    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["codec"].update(n_quantizers=2)))
-    assert EXTRACTION <= set(jobs) and jobs["extract_codes"] == 4
-    assert not {"clean_manifest", "train_vocab", "select_speakers", "demo_corpus"} & set(jobs)
 
 
 def test_unknown_key_fails_before_any_job_naming_the_key(tmp_path):
@@ -153,13 +123,4 @@ def test_demo_dag_trains_three_stages_and_stage1_learns(demo):
     assert metas[1]["extra"]["val_mel_loss_drop"] >= 0.30, metas[1]["extra"]["first_val"]
 
 
-def test_stage3_lr_change_reruns_stage3_only(demo):
-    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["train"]["stage3"].update(lr=3.0e-4)))
-    assert set(jobs) == {"train_stage3"} | AFTER_TRAINING
 
-
-def test_dataloader_workers_and_log_interval_rerun_nothing(demo):
-    def edit(c):
-        c["train"].update(num_workers=0, log_every=3, progress="bar")
-
-    assert planned_jobs(demo, *alt_config(demo, edit)) == {}

@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ("Snakefile", "rules", "schemas", "profiles", "indextts", "config.yaml")
+WORKFLOW_FILES = ("Snakefile", "rules", "schemas", "profiles", "envs", "indextts", "config.yaml")
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -53,6 +53,36 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit() and parts[0] != "all":
             jobs[parts[0]] = int(parts[1])
     return jobs
+
+
+# The demo at a smaller size, for tests that need the whole DAG but not the demo's numbers: 120
+# utterances, two code shards, a few training steps (states every 4), the UNK gate relaxed for the
+# small corpus, thread counts that fit 2 cores.
+SMALL_DEMO = {
+    "demo": {"n_utterances": 120, "workers": 2},
+    "clean": {"probe_workers": 2},
+    "vocab": {"max_unk_ratio": 0.05},
+    "codes": {"n_shards": 2},
+    "train": {
+        "state_every": 4,
+        "val_every": 100,
+        "val_max_batches": 2,
+        "num_workers": 0,
+        "stage1": {"max_steps": 24, "warmup_steps": 2},
+        "stage2": {"max_steps": 4, "warmup_steps": 1},
+        "stage3": {"max_steps": 4, "warmup_steps": 1},
+    },
+}
+
+
+def deep_update(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` with ``overrides`` laid over it section by section (as Snakemake merges configfiles)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            deep_update(cfg[key], value)
+        else:
+            cfg[key] = value
+    return cfg
 
 
 def edit_config(workdir: Path, edit) -> Path:

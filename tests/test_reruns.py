@@ -1,0 +1,153 @@
+"""The rerun matrix (README "Reruns"): what the real snakemake would rerun after each change.
+
+One small demo DAG (tests/workflow_util.SMALL_DEMO) runs once for the module; every case is then a
+``--dry-run`` job plan after one change, compared with the exact set of rules it must rerun, so a
+case fails both when a change reruns too little and when it reruns too much.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import yaml
+
+from tests.workflow_util import SMALL_DEMO, copy_workflow, deep_update, edit_config, planned_jobs, snakemake
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+if shutil.which("espeak-ng") is None:  # `make test` installs it; say so instead of skipping silently
+    pytest.skip("espeak-ng is not installed (make install puts it there)", allow_module_level=True)
+
+TRAINING = {"train_stage1", "train_stage2", "train_stage3"}
+# Rules after training stage 3 (none yet: export and synthesis come later); every case that
+# reruns stage 3 reruns these too.
+AFTER_TRAINING: set[str] = set()
+EXTRACTION = {"extract_codes", "index_codes"}
+# Everything downstream of the codes and of bpe.model.
+GATE_AND_TRAINING = {"validate_pipeline"} | TRAINING | AFTER_TRAINING
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the README's reruns table."""
+
+    id: str
+    reruns: set[str]
+    config: Callable[[dict], None] | None = None  # edit of config.yaml
+    module: str | None = None  # a library file to edit (a comment appended)
+    args: tuple[str, ...] = ()  # extra snakemake arguments
+    fresh: bool = False  # plan on a copy with no results yet
+    counts: dict[str, int] = field(default_factory=dict)  # jobs per rule where it matters
+
+
+def _runtime_knobs(c):
+    c["codes"].update(num_workers=7, num_workers_cpu=1, batch_seconds_cpu=30.0, batch_seconds_cuda=50.0, max_batch_size=8)
+    c["train"].update(num_workers=1, log_every=3, progress="bar")
+
+
+CASES = [
+    Case("stage3-lr", {"train_stage3"} | AFTER_TRAINING, config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
+    Case("stage1-steps", TRAINING | AFTER_TRAINING, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
+    Case("codec", EXTRACTION | GATE_AND_TRAINING, config=lambda c: c["codec"].update(n_quantizers=2),
+         counts={"extract_codes": SMALL_DEMO["codes"]["n_shards"]}),
+    Case("train-module", TRAINING | AFTER_TRAINING, module="train.py"),
+    Case("forcerun-stage2", {"train_stage2", "train_stage3"} | AFTER_TRAINING, args=("--forcerun", "train_stage2")),
+    Case("until-select-speakers", {"demo_corpus", "clean_manifest", "select_speakers"}, args=("--until", "select_speakers"),
+         fresh=True),
+    Case("runtime-knobs", set(), config=_runtime_knobs),
+    Case("text-normalisation", {"clean_manifest", "train_vocab", "select_speakers"} | EXTRACTION | GATE_AND_TRAINING,
+         config=lambda c: c["text"].update(punctuation_map={"!": "።"})),
+    Case("speakers-top-k", {"select_speakers", "train_stage2", "train_stage3"} | AFTER_TRAINING,
+         config=lambda c: c["speakers"].update(top_k=3)),
+    Case("vocab-size", {"train_vocab"} | GATE_AND_TRAINING, config=lambda c: c["vocab"].update(vocab_size=200)),
+    Case("vocab-module", {"train_vocab"} | GATE_AND_TRAINING, module="vocab.py", counts={"train_vocab": 1}),
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The whole small demo DAG, run once for the module (training included)."""
+    wd = copy_workflow(tmp_path_factory.mktemp("wf-reruns"))
+    edit_config(wd, lambda c: deep_update(c, copy.deepcopy(SMALL_DEMO)))
+    snakemake(wd)
+    return wd
+
+
+def _plan(wd, case: Case, tmp_path) -> dict[str, int]:
+    if case.fresh:
+        wd = copy_workflow(tmp_path)
+        edit_config(wd, lambda c: deep_update(c, copy.deepcopy(SMALL_DEMO)))
+    args = list(case.args)
+    if case.config is not None:
+        cfg = yaml.safe_load((wd / "config.yaml").read_text())
+        case.config(cfg)
+        (wd / "changed.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+        args += ["--configfile", "changed.yaml"]
+    if case.module is None:
+        return planned_jobs(wd, *args)
+    module = wd / "indextts" / case.module
+    original = module.read_text()
+    try:
+        module.write_text(original + "\n# an edit\n")
+        return planned_jobs(wd, *args)
+    finally:
+        module.write_text(original)
+
+
+def test_demo_is_complete_and_a_second_run_does_nothing(demo):
+    assert json.loads((demo / "results/validate/report.json").read_text())["ok"]
+    for stage in (1, 2, 3):
+        assert (demo / f"results/train/stage{stage}/model.safetensors").stat().st_size > 0
+    assert planned_jobs(demo) == {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_change_reruns_exactly_what_it_touches(demo, case, tmp_path):
+    jobs = _plan(demo, case, tmp_path)
+    assert set(jobs) == case.reruns, f"{case.id}: reran {sorted(jobs)}, expected {sorted(case.reruns)}"
+    for rule, n in case.counts.items():
+        assert jobs[rule] == n, f"{case.id}: {jobs[rule]} {rule} jobs, expected {n}"
+
+
+def test_runtime_knobs_still_reach_the_commands_and_the_library(demo):
+    """They rerun nothing because they stay out of params, but every command still carries them."""
+    cfg = yaml.safe_load((demo / "config.yaml").read_text())
+    _runtime_knobs(cfg)
+    (demo / "knobs.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+    out = snakemake(demo, "--dry-run", "--printshellcmds", "--forceall", "--configfile", "knobs.yaml").stdout
+    for command in ("indextts extract-codes", "indextts index-codes", "indextts train --stage 1"):
+        words = shlex.split(next(ln for ln in out.splitlines() if command in ln))
+        runtime = json.loads(words[words.index("--runtime") + 1])
+        assert runtime["codes"]["num_workers_cpu"] == 1 and runtime["train"]["log_every"] == 3, (command, runtime)
+    from indextts.codes import _sections
+
+    config = {"codec": {"weights": "dac.pth"}, "codes": {"n_shards": 2}}
+    _, codes_cfg = _sections(json.dumps(config), json.dumps({"codes": {"num_workers_cpu": 3}}))
+    assert (codes_cfg.n_shards, codes_cfg.num_workers_cpu) == (2, 3)
+
+
+def test_training_launcher_follows_train_gpus_and_the_nodes_resource(demo):
+    """One process; torchrun over one node's train.gpus GPUs; srun + a c10d torchrun per node with
+    the SLURM resource nodes > 1 (README "On a SLURM cluster"). None of them reruns anything."""
+
+    def launcher(*args):
+        out = snakemake(demo, "--dry-run", "--printshellcmds", "--resources", "gpu=2", *args).stdout
+        line = next(ln for ln in out.splitlines() if "train --stage 1 " in ln)
+        return line.removeprefix("Shell command:").split(" train --stage 1 ")[0].strip()
+
+    force = ("--forcerun", "train_stage1", "--until", "train_stage1")
+    assert launcher(*force) == "indextts"
+    cfg = yaml.safe_load((demo / "config.yaml").read_text())
+    cfg["train"]["gpus"] = 2
+    (demo / "gpus2.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+    assert launcher("--configfile", "gpus2.yaml", *force) == "torchrun --standalone --nproc-per-node=2 -m indextts"
+    multi = launcher("--configfile", "gpus2.yaml", "--set-resources", "train_stage1:nodes=3", *force)
+    assert multi.startswith("srun --nodes=3 --ntasks=3 --ntasks-per-node=1 torchrun --nnodes=3 --nproc-per-node=2 --rdzv-backend=c10d")
+    assert multi.endswith(":29500 -m indextts") and '--rdzv-id="$SLURM_JOB_ID"' in multi
+    assert planned_jobs(demo, "--set-resources", "train_stage1:nodes=3") == {}
