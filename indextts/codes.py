@@ -88,7 +88,8 @@ class CodesConfig:
     # them all at the barrier after each op: on 2 cores workers made extraction up to 2x slower.
     num_workers_cpu: int = 0
     # index_codes fails when a row's n_frames differs from duration x frame_rate by more than
-    # this many frames. DAC's right padding and resampling's rounding add up to just under 1.
+    # this many frames. DAC's right padding and resampling's rounding add up to just under 1; the
+    # semantic codec's fbank drops the last partial window, up to 1.75 frames short.
     frame_tolerance: float = 2.0
 
     def batch_seconds_for(self, device_type: str) -> float:

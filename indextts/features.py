@@ -474,8 +474,9 @@ class PromptFeaturesConfig:
 
 # Parquet schema-metadata key of a features file (JSON: dim, frame_rate, source identities).
 FEATURES_META_KEY = b"indextts.features"
-# Bytes of fp16 features per row group: small groups make one utterance cheap to read at random.
-_GROUP_BYTES = 4 << 20
+# Bytes of fp16 features per row group: Parquet decodes a row group's column whole, so small
+# groups make one utterance cheap to read at random (about 1 MiB: one or two 6 s prompts).
+_GROUP_BYTES = 1 << 20
 
 
 def crop_window(utt_id: str, n_frames: int, max_frames: int) -> tuple[int, int]:
@@ -518,7 +519,7 @@ def features_table(utt_ids: Sequence[str], feats: Sequence[np.ndarray], starts: 
 
 
 def write_features(table: "pa.Table", path: str | Path) -> Path:
-    """Write a features table atomically, in row groups of about 4 MiB, so :class:`PromptFeatureStore`
+    """Write a features table atomically, in row groups of about 1 MiB, so :class:`PromptFeatureStore`
     decodes little more than the one utterance it reads. Fixed settings: same table, same bytes."""
     import json
 

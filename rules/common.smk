@@ -207,6 +207,8 @@ def get_codec_files(wildcards):
 
 def features_arg(wildcards, input, output):
     """`` --features FILE(S)`` for the CLI when features are stored, else nothing."""
+    import shlex
+
     files = output.get("features") or input.get("features") or []
     files = [files] if isinstance(files, str) else list(files)
-    return "".join(f" --features {f}" if i == 0 else f" {f}" for i, f in enumerate(files))
+    return (" --features " + " ".join(shlex.quote(str(f)) for f in files)) if files else ""
