@@ -8,12 +8,19 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# The description on the front page of `snakemake --report results/report.zip`.
+report: "rules/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/prepare.smk"
 include: "rules/codes.smk"
 include: "rules/model.smk"
 include: "rules/train.smk"
+include: "rules/synthesize.smk"
+include: "rules/export.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -25,6 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("indextts.train", "train one stage (1, 2 or 3); resumes from its saved state"),
     "import-gpt": ("indextts.pretrained", "import an official gpt.pth into our checkpoint format"),
     "export-gpt": ("indextts.pretrained", "export a checkpoint to the official gpt.pth layout"),
+    "synthesize": ("indextts.synthesize", "text in, WAV out, from one checkpoint folder (or a list)"),
+    "sample-list": ("indextts.synthesize", "pick the fixed sample set every stage speaks"),
+    "export": ("indextts.pretrained", "export the final stage for other tooling, with a re-import check"),
+    "report-data": ("indextts.report", "data summary, histograms and vocab report for the report"),
+    "report-stage": ("indextts.report", "loss, speaker and throughput curves of one stage for the report"),
+    "report-samples": ("indextts.report", "the samples page (playable audio) for the report"),
+    "report-export": ("indextts.report", "the export report as a page of the report"),
 }
 
 

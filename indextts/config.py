@@ -221,6 +221,9 @@ SECTIONS: dict[str, str] = {
     "pretrained": "indextts.pretrained:PretrainedConfig",
     "validate": "indextts.validate:ValidateConfig",
     "train": "indextts.train:TrainConfig",
+    "synthesize": "indextts.synthesize:SynthesizeConfig",
+    "samples": "indextts.synthesize:SamplesConfig",
+    "report": "indextts.report:ReportConfig",
 }
 
 

@@ -1,5 +1,5 @@
-"""The released IndexTTS2 files as a pipeline input: the ``pretrained`` config section and the
-``import-gpt`` / ``export-gpt`` commands.
+"""The released IndexTTS2 files as a pipeline input and output: the ``pretrained`` config section,
+the ``import-gpt`` / ``export-gpt`` commands and ``export`` (the final stage for other tooling).
 
 The state-dict mapping itself (key by key, Conv1D transposition, vocabulary transfer by piece
 string) lives in :mod:`indextts.model.transfer`; this module adds what a pipeline step needs
@@ -10,6 +10,7 @@ the codec weights, and writing a checkpoint folder with its transfer report.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ class PretrainedConfig:
 
     gpt: str | None = None  # the official gpt.pth; null trains from scratch
     bpe: str | None = None  # the official bpe.model, so text rows move by piece string
+    # The released config.yaml: the export keeps its other sections (s2mel, vocoder, emotion
+    # matrices ...) and replaces the gpt section's sizes. Read by the export only.
+    config: str | None = None
 
 
 def import_checkpoint(
@@ -171,3 +175,206 @@ def codec_info_from_config(config: Mapping[str, Any]):
     codec = get_section(CodecConfig, config, "codec")
     _, info = load_codec(codec.weights, device="cpu", n_quantizers=codec.n_quantizers)
     return info
+
+
+# --- export of the final stage ------------------------------------------------------------------
+
+# Our ModelConfig field -> key of the released config.yaml's gpt section.
+GPT_SECTION_KEYS = {
+    "model_dim": "model_dim", "max_mel_tokens": "max_mel_tokens", "max_text_tokens": "max_text_tokens",
+    "heads": "heads", "layers": "layers", "number_text_tokens": "number_text_tokens",
+    "number_mel_codes": "number_mel_codes", "start_mel_token": "start_mel_token", "stop_mel_token": "stop_mel_token",
+    "start_text_token": "start_text_token", "stop_text_token": "stop_text_token",
+}
+# condition_module / emo_condition_module keys, from the cond_ / emo_ prefixed fields.
+CONDITION_KEYS = ("output_size", "linear_units", "attention_heads", "num_blocks", "perceiver_mult")
+# What IndexTTS2's UnifiedVoice fixes in code rather than in config.yaml: the conformers read
+# 1024-dim w2v-BERT features, the emotion perceiver is 1024 wide, 32 speaker latents by default.
+OFFICIAL_FIXED = {"cond_feat_dim": 1024, "emo_perceiver_dim": 1024}
+EXPORT_REPORT = "export_report.json"
+
+
+def official_gpt_config(cfg: Any, released: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config.yaml for an exported ``gpt.pth``: the released file's sections kept (when
+    given), its ``gpt`` section carrying our sizes, vocabularies and start/stop ids.
+
+    Args:
+        cfg: the model's :class:`~indextts.model.ModelConfig`.
+        released: the released config.yaml, parsed (None: a gpt section of our own with the
+            released defaults for the keys we do not model).
+    """
+    out = {k: v for k, v in (released or {}).items()}
+    gpt = dict(out.get("gpt") or {})
+    gpt.setdefault("use_mel_codes_as_input", True)
+    gpt.setdefault("mel_length_compression", 1024)
+    gpt.setdefault("train_solo_embeddings", False)
+    gpt.setdefault("condition_type", "conformer_perceiver")
+    for ours, theirs in GPT_SECTION_KEYS.items():
+        gpt[theirs] = getattr(cfg, ours)
+    if cfg.condition_num_latent != 32 or "condition_num_latent" in gpt:
+        gpt["condition_num_latent"] = cfg.condition_num_latent
+    for section, prefix in (("condition_module", "cond_"), ("emo_condition_module", "emo_")):
+        mod = dict(gpt.get(section) or {})
+        mod.setdefault("input_layer", "conv2d2")
+        mod.update({k: getattr(cfg, prefix + k) for k in CONDITION_KEYS})
+        gpt[section] = mod
+    out["gpt"] = gpt
+    out["gpt_checkpoint"] = "gpt.pth"
+    out["dataset"] = {**dict(out.get("dataset") or {}), "bpe_model": "bpe.model"}
+    return out
+
+
+def _probe_batch(cfg: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed random batch (two rows of different lengths) that exercises every part of the model."""
+    g = torch.Generator().manual_seed(seed)
+    K = cfg.n_codebooks
+    return dict(
+        text_ids=torch.randint(2, cfg.text_vocab_size, (2, 9), generator=g), text_lengths=torch.tensor([9, 5]),
+        codes=torch.randint(0, cfg.number_mel_codes - 2, (2, K, 20), generator=g), code_lengths=torch.tensor([20, 12]),
+        cond_feats=torch.randn(2, 40, cfg.cond_feat_dim, generator=g), cond_lengths=torch.tensor([40, 31]),
+    )
+
+
+def same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, Any]:
+    """Both models (eval mode) on one probe batch: whether every output is bitwise equal, and the
+    largest absolute difference of the losses and logits."""
+    batch = _probe_batch(a.cfg)
+    with torch.no_grad():
+        oa, ob = a.eval()(**batch), b.eval()(**batch)
+    diffs = {name: float((getattr(oa, name) - getattr(ob, name)).abs().max())
+             for name in ("loss", "text_logits", "mel_logits", "emo_vec")}
+    return {"identical": all(d == 0.0 for d in diffs.values()), "max_abs_diff": max(diffs.values()), "by_output": diffs}
+
+
+def _capabilities(cfg: Any, codec: Mapping[str, Any], official: bool, refused: str | None) -> dict[str, Any]:
+    """What IndexTTS2's own inference can and cannot do with the export, stated plainly."""
+    kind = codec.get("kind", "dac")
+    fixed = {k: (getattr(cfg, k), v) for k, v in OFFICIAL_FIXED.items() if getattr(cfg, k) != v}
+    can, cannot = [], []
+    decode = (f"turn its codes into audio: its s2mel stage decodes only its MaskGCT semantic codes, and this model "
+              f"predicts {kind.upper()} codes ({cfg.n_codebooks} codebook(s) of {cfg.number_mel_codes - 2}); decode "
+              "them with the DAC the codes were made with, as `indextts synthesize` does")
+    if not official:
+        cannot.append(f"load it: {refused}")
+        if kind != "semantic":
+            cannot.append(decode)
+        can.append("nothing directly; the export is our checkpoint folder (model.safetensors + model.json + bpe.model), "
+                   "which indextts.checkpoint.load_checkpoint loads and `indextts synthesize --checkpoint` speaks")
+        return {"official_layout": False, "drop_in": False, "can": can, "cannot": cannot}
+    if fixed:
+        cannot.append("load it with its UnifiedVoice as released: that class fixes "
+                      + ", ".join(f"{k} = {v[1]} (this model has {v[0]})" for k, v in fixed.items())
+                      + " in code, not in config.yaml, so its strict load refuses these shapes; the key names and "
+                        "the layout are the official ones")
+    else:
+        can.append("load gpt.pth with the exported config.yaml (its gpt section carries this model's sizes, "
+                   "vocabulary and start/stop ids) and bpe.model")
+    if kind == "semantic":
+        if not fixed:
+            can.append("run it whole: the codes are its own MaskGCT semantic codes, so its s2mel stage, vocoder and "
+                       "emotion machinery work unchanged. Replace gpt.pth, bpe.model and config.yaml in the released "
+                       "checkpoint folder (the w2v-BERT stats, s2mel, BigVGAN, campplus, emotion matrices stay)")
+    else:
+        cannot.append(decode)
+    return {"official_layout": True, "drop_in": kind == "semantic" and not fixed, "can": can, "cannot": cannot}
+
+
+def export_stage(checkpoint: str | Path, out_dir: str | Path, *, released_config: str | Path | None = None
+                 ) -> dict[str, Any]:
+    """Export a stage folder (the final one, stage 3) for other tooling, with a re-import check.
+
+    One code stream: ``gpt.pth`` in the official layout (merged weights, Conv1D transposed back),
+    ``config.yaml`` (:func:`official_gpt_config`), ``bpe.model`` and ``model.json``; the check
+    imports ``gpt.pth`` back into a freshly built model of ours and requires every tensor and
+    every output on a probe batch to be identical. Several codebooks: the official layout has no
+    place for them (the report says why), so our checkpoint folder is exported instead and
+    loaded back from the export for the same check.
+
+    Returns:
+        The report (also written as ``export_report.json``): files, the check, and what
+        IndexTTS2's own inference can and cannot do with the export.
+
+    Raises:
+        CheckpointError: an unusable checkpoint folder.
+        TransferError: the re-import check fails (nothing is left that claims to be good).
+    """
+    import yaml
+
+    from indextts.checkpoint import META, WEIGHTS, checkpoint_vocab, tensor_equal
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    vocab = checkpoint_vocab(checkpoint)
+    model, meta = load_checkpoint(checkpoint, vocab_path=vocab)
+    cfg = model.cfg
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src, name in ((vocab, "bpe.model"), (checkpoint / META, META)):
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(src, tmp)
+    try:
+        state = export_official(model)
+        refused = None
+    except TransferError as e:
+        state, refused = None, str(e)
+    files = ["bpe.model", META]
+    if state is not None:
+        with atomic_path(out_dir / "gpt.pth") as tmp:
+            torch.save({k: v.cpu() for k, v in state.items()}, tmp)
+        released = None
+        if released_config:
+            released = yaml.safe_load(Path(released_config).read_text(encoding="utf-8")) or {}
+        with atomic_path(out_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(official_gpt_config(cfg, released), sort_keys=False, allow_unicode=True),
+                           encoding="utf-8")
+        files += ["gpt.pth", "config.yaml"]
+        torch.manual_seed(12345)  # any other initialisation: the import must overwrite all of it
+        back = build_model(cfg)
+        transfer = import_official(out_dir / "gpt.pth", back)
+        check = {"how": "gpt.pth imported into a fresh model of the same config", "reinitialised": len(transfer.reinitialised),
+                 "unused": len(transfer.unused)}
+    else:
+        for name in (WEIGHTS,):
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(checkpoint / name, tmp)
+        files.append(WEIGHTS)
+        back, _ = load_checkpoint(out_dir, vocab_path=out_dir / "bpe.model", verify_sha256=True)
+        check = {"how": "the exported checkpoint folder loaded back with load_checkpoint"}
+    check["differing_tensors"] = tensor_equal(model.state_dict(), back.state_dict())
+    check.update(same_outputs(model, back))
+    check["ok"] = not check["differing_tensors"] and check["identical"] and not check.get("reinitialised")
+    report = {
+        "checkpoint": str(checkpoint), "stage": meta.get("stage"), "step": meta.get("step"),
+        "n_codebooks": cfg.n_codebooks, "codec": {k: (meta.get("codec") or {}).get(k) for k in ("kind", "weights")},
+        "released_config": str(released_config) if released_config else None,
+        "files": sorted(files + [EXPORT_REPORT]), "official_refused": refused, "reimport": check,
+        "indextts2": _capabilities(cfg, meta.get("codec") or {}, state is not None, refused),
+        "positions": ("Our generation feeds frame t of codebook 0 at mel position t + 1, as training does; "
+                      "IndexTTS2's HF-based inference reads the mel position table one entry further. On equal weights "
+                      "with the positions aligned, greedy codes agree; this pipeline keeps training's positions."),
+    }
+    write_json(out_dir / EXPORT_REPORT, report)
+    if not check["ok"]:
+        raise TransferError(f"{out_dir}: the export does not re-import identically: {check}")
+    return report
+
+
+def cli_export(argv: list[str]) -> int:
+    """``indextts export``: the final stage folder -> the official layout (or our folder), with a re-import check."""
+    p = argparse.ArgumentParser(prog="indextts export", description=cli_export.__doc__)
+    p.add_argument("--checkpoint", required=True, help="the stage folder, e.g. results/train/stage3")
+    p.add_argument("--out-dir", required=True, help="export folder, e.g. results/export")
+    p.add_argument("--config", help="config file or inline JSON with the pretrained section (its config: the released config.yaml)")
+    a = p.parse_args(argv)
+    pre = get_section(PretrainedConfig, load_config_arg(a.config), "pretrained") if a.config else PretrainedConfig()
+    try:
+        report = export_stage(a.checkpoint, a.out_dir, released_config=pre.config)
+    except (TransferError, CheckpointError) as e:
+        print(f"indextts export: {e}", file=sys.stderr)
+        return 1
+    check = report["reimport"]
+    layout = "official gpt.pth layout" if report["indextts2"]["official_layout"] else "our checkpoint folder"
+    print(f"wrote {a.out_dir} ({layout}): {', '.join(report['files'])}; re-import identical: {check['ok']}")
+    if report["official_refused"]:
+        print(f"official layout refused: {report['official_refused']}")
+    for line in report["indextts2"]["cannot"]:
+        print(f"IndexTTS2 cannot {line}")
+    return 0

@@ -31,7 +31,13 @@ RUNTIME_KEYS = {
         "max_batch_size",
     ),
     "train": ("num_workers", "log_every", "progress"),
+    # A row's samples do not depend on the batch it is generated in (tested), so batch_size is speed only.
+    "synthesize": ("batch_size",),
 }
+
+# Keys only the export reads: left out of every other stage's params (stage_config), so pointing
+# pretrained.config at the released config.yaml reruns the export and nothing else.
+EXPORT_KEYS = {"pretrained": ("config",)}
 
 
 def stage_config(*sections):
@@ -40,7 +46,7 @@ def stage_config(*sections):
     reads, and only those, reruns it."""
     out = {}
     for s in sections:
-        skip = RUNTIME_KEYS.get(s, ())
+        skip = (*RUNTIME_KEYS.get(s, ()), *EXPORT_KEYS.get(s, ()))
         out[s] = {k: v for k, v in (config.get(s) or {}).items() if k not in skip}
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
@@ -212,3 +218,59 @@ def features_arg(wildcards, input, output):
     files = output.get("features") or input.get("features") or []
     files = [files] if isinstance(files, str) else list(files)
     return (" --features " + " ".join(shlex.quote(str(f)) for f in files)) if files else ""
+
+
+# --- synthesis, export, report ----------------------------------------------------------------
+
+
+def sample_stages():
+    """The training stages that speak the sample set (samples.stages); none for semantic codes,
+    which only IndexTTS2's own s2mel stage turns into audio (see the export)."""
+    if config["codec"]["kind"] == "semantic":
+        return []
+    return [int(k) for k in config["samples"]["stages"]]
+
+
+SAMPLE_STAGES = sample_stages()
+
+
+def sample_names():
+    """The sample WAV stems, as indextts.synthesize.sample_names builds them."""
+    s = config["samples"]
+    return [f"same-{i:02d}" for i in range(int(s["n_same"]))] + [
+        f"cross-{i:02d}" for i in range(int(s["n_cross"]))
+    ]
+
+
+def synthesize_gpus():
+    """GPUs a synthesis job holds: none when the config pins synthesis to the CPU."""
+    return 0 if config["synthesize"]["device"] == "cpu" else 1
+
+
+def export_config():
+    """What the export reads of the config (EXPORT_KEYS), as compact JSON for ``params.cfg``."""
+    out = {s: {k: (config.get(s) or {}).get(k) for k in keys} for s, keys in EXPORT_KEYS.items()}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def get_released_config(wildcards):
+    """The released config.yaml the export keeps (pretrained.config), when set."""
+    path = (config.get("pretrained") or {}).get("config")
+    return {"released_config": path} if path else {}
+
+
+def get_transfer_report(wildcards):
+    """Stage 1's transfer_report.json: it exists when stage 1 imported pretrained.gpt."""
+    if int(wildcards.stage) == 1 and (config.get("pretrained") or {}).get("gpt"):
+        return {"transfer": f"{RESULTS}/train/stage1/transfer_report.json"}
+    return {}
+
+
+def transfer_arg(wildcards, input):
+    """`` --transfer FILE`` when the stage has a transfer report, else nothing."""
+    return f" --transfer {input.transfer}" if "transfer" in input.keys() else ""
+
+
+def report_stage_category(wildcards):
+    """The report category of a stage's pieces, numbered so categories sort in pipeline order."""
+    return f"{int(wildcards.stage) + 1}. Stage {wildcards.stage}"

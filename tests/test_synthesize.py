@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -185,3 +188,301 @@ def test_emo_alpha_mixes_the_emotion_prompt_into_the_speaker_prompt() -> None:
     a, _, _ = generate(m, x, temperature=0, max_new_tokens=15, emo_alpha=0.0)
     b, _, _ = generate(m, {k: v for k, v in x.items() if not k.startswith("emo")}, temperature=0, max_new_tokens=15)
     assert torch.equal(a, b)
+
+
+# --- indextts synthesize from a checkpoint folder -------------------------------------------------
+
+WORDS = "selam new dehna alem bet sew wuha mengist tsehay lij"
+
+
+def write_checkpoint(root: Path, codec: Path, *, K: int = 3, seed: int = 0, stop_bias: float = 0.0,
+                     cond_feat_dim: int | None = None) -> Path:
+    """A tiny (untrained) stage folder as the trainer writes it: weights, model.json naming the text
+    settings and the codec, its own bpe.model; codes of the demo DAC (3 codebooks of 16)."""
+    import numpy as np
+
+    from indextts.checkpoint import save_checkpoint
+    from indextts.files import sha256_file
+    from tests.factories import make_bpe
+
+    rng = np.random.default_rng(seed)
+    words = WORDS.split()
+    bpe = make_bpe(root / f"vocab-{seed}.model", [" ".join(rng.choice(words, 6)) for _ in range(200)], 40)
+    import sentencepiece as spm
+
+    n_pieces = spm.SentencePieceProcessor(model_file=str(bpe)).get_piece_size()
+    extra = {} if cond_feat_dim is None else {"features": {"n_mels": cond_feat_dim}}
+    cfg = model_config("tiny", number_text_tokens=n_pieces, number_mel_codes=18, n_codebooks=K, **extra)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.mel_head.bias[cfg.stop_mel_token] += stop_bias
+    return save_checkpoint(
+        root / f"stage-{seed}-{K}", model, model_cfg=cfg, vocab_path=bpe, text_cfg={"language": "am"},
+        codec_cfg={"weights": str(codec), "kind": "dac"}, stage="stage3", training_type="full",
+        parent_sha256=None, data_index_sha256=None, step=1,
+        extra={"codes_codec": {"n_q": 3, "codebook_size": 16, "weights_sha256": sha256_file(codec)}})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The demo codec, a checkpoint folder of it, and prompt clips of different lengths."""
+    import warnings
+
+    import numpy as np
+    import soundfile as sf
+
+    from indextts.codec import make_demo_codec
+
+    root = tmp_path_factory.mktemp("synth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        codec = make_demo_codec(root / "dac_tiny.pth")
+    ckpt = write_checkpoint(root, codec, stop_bias=0.5)
+    prompts = []
+    for i, seconds in enumerate((1.2, 2.0, 0.8)):
+        t = np.arange(int(seconds * 16000)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * (140 + 50 * i) * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+        sf.write(root / f"prompt{i}.wav", wave.astype(np.float32), 16000)
+        prompts.append(root / f"prompt{i}.wav")
+    return {"root": root, "codec": codec, "ckpt": ckpt, "prompts": prompts}
+
+
+def run_cli(*args: str) -> int:
+    from indextts.cli import main
+
+    return main(["synthesize", *map(str, args)])
+
+
+FAST = ("--max-frames", "30")
+
+
+def test_same_seed_same_wav_bytes_and_the_wav_matches_the_frames(assets, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    ckpt, (p0, p1, _) = assets["ckpt"], assets["prompts"]
+    outs = []
+    for i, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"{i}.wav"
+        assert run_cli("--checkpoint", ckpt, "--text", "selam dehna new", "--speaker-prompt", p0,
+                       "--emotion-prompt", p1, "--emo-alpha", "0.7", "--seed", seed, "--out", out, *FAST) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    info = sf.info(str(tmp_path / "0.wav"))
+    assert info.samplerate == 16000 and info.subtype == "PCM_16"
+    assert info.frames % 320 == 0 and 1 <= info.frames // 320 <= 30  # whole DAC frames, capped
+
+
+def request_list(tmp_path: Path, prompts) -> Path:
+    import pandas as pd
+
+    rows = [{"name": "long", "text": "selam dehna new alem bet sew wuha", "speaker_prompt": prompts[0].name,
+             "emotion_prompt": prompts[1].name, "note": "a"},
+            {"name": "short", "text": "lij", "speaker_prompt": prompts[1].name, "emotion_prompt": "", "note": "b"},
+            {"name": "mid", "text": "tsehay mengist bet", "speaker_prompt": prompts[2].name, "emotion_prompt": "",
+             "note": "c"}]
+    for p in prompts:  # relative prompt paths resolve against the list's folder
+        shutil.copy(p, tmp_path / p.name)
+    path = tmp_path / "list.tsv"
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_batch_mode_gives_every_row_what_it_gets_alone(assets, tmp_path: Path) -> None:
+    import pandas as pd
+
+    lst = request_list(tmp_path, assets["prompts"])
+    for bs in (3, 1):
+        assert run_cli("--checkpoint", assets["ckpt"], "--list", lst, "--out-dir", tmp_path / f"bs{bs}",
+                       "--batch-size", bs, *FAST) == 0
+    a, b = (pd.read_csv(tmp_path / f"bs{bs}/samples.tsv", sep="\t") for bs in (3, 1))
+    assert list(a["name"]) == ["long", "short", "mid"]  # input order, whatever the batching
+    assert list(a.columns) == ["name", "text", "speaker_prompt", "emotion_prompt", "note", "frames", "seconds",
+                               "stop_reached", "rtf"]
+    assert a.drop(columns="rtf").equals(b.drop(columns="rtf"))
+    for name in a["name"]:
+        assert (tmp_path / f"bs3/{name}.wav").read_bytes() == (tmp_path / f"bs1/{name}.wav").read_bytes(), name
+    assert len(set(a["frames"])) > 1  # rows of different lengths in one batch
+    assert (a["seconds"] == a["frames"] * 320 / 16000).all()
+
+
+def test_synthesis_needs_nothing_but_the_folder_and_the_codec(assets, tmp_path: Path) -> None:
+    """A copied folder whose model.json points at a vocabulary and codec that no longer exist."""
+    import json
+
+    from indextts.codec import make_demo_codec
+
+    folder = tmp_path / "moved"
+    shutil.copytree(assets["ckpt"], folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["vocab"]["path"] = str(tmp_path / "gone" / "bpe.model")
+    meta["codec"]["weights"] = str(tmp_path / "gone" / "dac.pth")
+    (folder / "model.json").write_text(json.dumps(meta))
+    codec = tmp_path / "dac.pth"
+    shutil.copy(assets["codec"], codec)
+    out = tmp_path / "x.wav"
+    args = ("--checkpoint", folder, "--text", "selam new", "--speaker-prompt", assets["prompts"][0], "--out", out, *FAST)
+    assert run_cli(*args, "--codec-weights", codec) == 0 and out.stat().st_size > 44
+    assert run_cli(*args) == 1  # the recorded codec is gone: an error that says --codec-weights
+    other = make_demo_codec(tmp_path / "other.pth", seed=1)
+    assert run_cli(*args, "--codec-weights", other) == 1  # not the codec the codes were made with
+
+
+def test_errors_name_the_row_and_what_to_do(assets, tmp_path: Path, capsys) -> None:
+    import json
+
+    from indextts.synthesize import SynthesisError, Synthesizer, read_requests
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in (
+        {"name": "a", "text": "selam", "speaker_prompt": "missing.wav"},
+        {"name": "a", "text": "new", "speaker_prompt": str(assets["prompts"][0])},
+        {"name": "../x", "text": "new", "speaker_prompt": str(assets["prompts"][0])})))
+    with pytest.raises(SynthesisError) as e:
+        read_requests(bad)
+    msg = str(e.value)
+    assert "row 1 ('a'): speaker_prompt" in msg and "missing.wav does not exist" in msg
+    assert "row 2 ('a'): duplicate name" in msg and "row 3 ('../x'): name must be a plain file stem" in msg
+    (tmp_path / "nocol.tsv").write_text("name\ttext\na\tb\n")
+    with pytest.raises(SynthesisError, match="missing column.*speaker_prompt"):
+        read_requests(tmp_path / "nocol.tsv")
+    # A semantic-code checkpoint is refused: only IndexTTS2's s2mel decodes those codes.
+    folder = tmp_path / "semantic"
+    shutil.copytree(assets["ckpt"], folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["codec"]["kind"] = "semantic"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(SynthesisError, match="semantic codes.*indextts export"):
+        Synthesizer(folder)
+
+
+def test_stop_token_or_maximum_length_with_a_warning(assets, capsys) -> None:
+    from indextts.synthesize import Request, Synthesizer, SynthesizeConfig
+
+    synth = Synthesizer(assets["ckpt"], device="cpu")
+    reqs = [Request(name="r", text="selam dehna", speaker_prompt=assets["prompts"][0])]
+    stop = synth.cfg.stop_mel_token
+    for bias, frames, stopped in ((-1e4, 25, False), (1e4, 1, True)):
+        with torch.no_grad():
+            synth.model.mel_head.bias[stop] = bias
+        (s,) = synth.synthesize(reqs, SynthesizeConfig(max_frames=25), log=lambda m: None)
+        assert (s.frames, s.stop_reached) == (frames, stopped)
+        assert s.codes.shape == (3, frames) and s.audio.shape == (frames * 320,)
+        err = capsys.readouterr().err
+        assert ("reached the maximum length (25 frames" in err) == (not stopped)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is present)")
+def test_synthesis_on_cuda_equals_the_cpu_in_length_and_runs(assets, tmp_path: Path) -> None:
+    from indextts.synthesize import Request, Synthesizer, SynthesizeConfig
+
+    reqs = [Request(name="r", text="selam dehna", speaker_prompt=assets["prompts"][0])]
+    cfg = SynthesizeConfig(max_frames=25, temperature=0)
+    cpu = next(Synthesizer(assets["ckpt"], device="cpu").synthesize(reqs, cfg, log=lambda m: None))
+    gpu = next(Synthesizer(assets["ckpt"], device="cuda").synthesize(reqs, cfg, log=lambda m: None))
+    assert gpu.frames == cpu.frames and torch.equal(gpu.codes, cpu.codes)
+
+
+# --- the sample set -------------------------------------------------------------------------------
+
+
+def clean_table(path: Path, per_speaker_val: dict[str, int]) -> Path:
+    import pandas as pd
+
+    rows = []
+    emotions = ["neutral", "happy", "sad"]
+    for spk, n_val in per_speaker_val.items():
+        for j in range(n_val + 3):
+            rows.append({"utt_id": f"{spk}_{j:02d}", "audio_path": f"/data/{spk}_{j:02d}.wav", "text": f"text {spk} {j}",
+                         "speaker": spk, "emotion": emotions[j % 3], "split": "val" if j < n_val else "train"})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_sample_set_draws_held_out_prompts_and_cross_pairs(tmp_path: Path) -> None:
+    from indextts.synthesize import SamplesConfig, SynthesisError, select_samples
+
+    clean = clean_table(tmp_path / "clean.parquet", {"a": 3, "b": 2, "c": 4, "d": 1})
+    cfg = SamplesConfig(n_same=4, n_cross=3, seed=1)
+    t = select_samples(cfg, clean)
+    assert list(t["name"]) == cfg.names() == [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(3)]
+    assert set(t["speaker"]) == {"a", "b", "c"}  # d has one val utterance: no held-out prompt for it
+    val = {f"/data/{s}_{j:02d}.wav" for s, n in {"a": 3, "b": 2, "c": 4, "d": 1}.items() for j in range(n)}
+    for r in t.to_dict("records"):
+        assert r["speaker_prompt"] != r["reference"]  # the prompt is another utterance than the text's
+        assert {r["speaker_prompt"], r["reference"]} <= val  # both held out
+        assert r["speaker_prompt"].startswith(f"/data/{r['speaker']}_") and r["utt_id"].startswith(r["speaker"])
+        if r["kind"] == "same":
+            assert r["emotion_prompt"] == "" and r["emotion_speaker"] == r["speaker"]
+        else:
+            assert r["emotion_speaker"] != r["speaker"] and r["emotion_prompt"].startswith(f"/data/{r['emotion_speaker']}_")
+    assert t.equals(select_samples(cfg, clean))  # fixed: the same set for every stage and rerun
+    assert not t.equals(select_samples(SamplesConfig(n_same=4, n_cross=3, seed=2), clean))
+    with pytest.raises(SynthesisError, match="cross samples need two speakers"):
+        select_samples(SamplesConfig(n_cross=1), clean_table(tmp_path / "one.parquet", {"a": 3, "d": 1}))
+    with pytest.raises(SynthesisError, match="no speaker has two val utterances"):
+        select_samples(cfg, clean_table(tmp_path / "none.parquet", {"a": 1}))
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_one_stream_export_is_the_official_layout_and_reimports_identically(assets, tmp_path: Path) -> None:
+    import yaml
+
+    from indextts.model.transfer import load_official_state_dict
+    from indextts.pretrained import export_stage
+
+    ckpt = write_checkpoint(tmp_path, assets["codec"], K=1, seed=2)
+    released = tmp_path / "released.yaml"
+    released.write_text(yaml.safe_dump({
+        "dataset": {"bpe_model": "bpe.model", "sample_rate": 24000},
+        "gpt": {"model_dim": 1280, "number_text_tokens": 12000, "condition_module": {"num_blocks": 6, "input_layer": "conv2d2"}},
+        "s2mel": {"DiT": {"depth": 13}}, "emo_num": [3, 17], "version": 2.0}))
+    report = export_stage(ckpt, tmp_path / "export", released_config=released)
+    out = tmp_path / "export"
+    assert report["files"] == sorted(["bpe.model", "config.yaml", "export_report.json", "gpt.pth", "model.json"])
+    assert report["reimport"]["ok"] and report["reimport"]["identical"] and report["reimport"]["differing_tensors"] == []
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    mc = build_model(model_config("tiny", number_text_tokens=cfg["gpt"]["number_text_tokens"], number_mel_codes=18)).cfg
+    assert cfg["gpt"]["model_dim"] == mc.model_dim == 32 and cfg["gpt"]["number_mel_codes"] == 18
+    assert (cfg["gpt"]["start_mel_token"], cfg["gpt"]["stop_mel_token"]) == (16, 17)
+    assert cfg["gpt"]["condition_module"]["num_blocks"] == mc.cond_num_blocks
+    assert cfg["s2mel"] == {"DiT": {"depth": 13}} and cfg["emo_num"] == [3, 17]  # the released sections kept
+    assert cfg["dataset"]["sample_rate"] == 24000 and cfg["gpt_checkpoint"] == "gpt.pth"
+    official = load_official_state_dict(out / "gpt.pth")
+    assert any(k.startswith("gpt.h.0.attn.c_attn") for k in official.state)  # the official names
+    cap = report["indextts2"]
+    assert cap["official_layout"] and not cap["drop_in"]
+    assert any("decodes only its MaskGCT semantic codes" in x for x in cap["cannot"])  # DAC codes
+    assert any("cond_feat_dim = 1024" in x for x in cap["cannot"])  # log-mel conditioners
+
+
+def test_multi_codebook_export_is_our_folder_and_says_why(assets, tmp_path: Path) -> None:
+    from indextts.checkpoint import load_checkpoint
+    from indextts.pretrained import export_stage
+
+    report = export_stage(assets["ckpt"], tmp_path / "export")
+    assert report["files"] == sorted(["bpe.model", "export_report.json", "model.json", "model.safetensors"])
+    assert "3 codebooks" in report["official_refused"] and not report["indextts2"]["official_layout"]
+    assert report["reimport"]["ok"]
+    model, _ = load_checkpoint(tmp_path / "export", vocab_path=tmp_path / "export" / "bpe.model")
+    assert model.cfg.n_codebooks == 3
+
+
+def test_export_check_fails_when_the_reimport_differs(assets, tmp_path: Path, monkeypatch) -> None:
+    import indextts.pretrained as pretrained
+    from indextts.model.transfer import TransferError
+
+    ckpt = write_checkpoint(tmp_path, assets["codec"], K=1, seed=3)
+    real = pretrained.import_official
+
+    def lossy(path, model, **kw):
+        report = real(path, model, **kw)
+        with torch.no_grad():
+            model.final_norm.weight.add_(1e-3)  # what a wrong transpose or a dropped key would do
+        return report
+
+    monkeypatch.setattr(pretrained, "import_official", lossy)
+    with pytest.raises(TransferError, match="does not re-import identically"):
+        pretrained.export_stage(ckpt, tmp_path / "export")

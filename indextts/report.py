@@ -1,0 +1,549 @@
+"""The pieces of the Snakemake report (``snakemake --report results/report.zip``).
+
+Each rule of ``rules/report.smk`` calls one command here and flags its outputs with
+``report(...)``; Snakemake's own report gathers them by category. What a person sees:
+
+* data: hours, speakers, rejects per reason, the vocabulary report (an HTML table), the duration
+  histogram and the per-speaker one;
+* per stage: loss curves (train and val; total, text and every codebook's code loss), learning
+  rate and non-pad tokens/s, a summary (parameters, val losses, warnings, the transfer report of
+  an import); stage 2 also its speaker loss and accuracy with the healthy band and the GRL lambda;
+* the samples as one HTML page with ``<audio>`` elements (Snakemake's viewer offers WAV files
+  for download only), a ``report(directory(...), htmlindex=...)`` output whose audio travels in
+  the zip beside it, with a link back to the report;
+* the export report.
+
+Plots are matplotlib (Agg) PNG or SVG; pages are plain HTML with inline CSS, no scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+from indextts.config import ConfigError, get_section, load_config_arg
+from indextts.files import atomic_path
+
+# The samples page sits at data/raw/<id>/index.html inside the report zip, three folders below
+# report.html (Snakemake's layout for htmlindex results).
+REPORT_FROM_SAMPLES = "../../../report.html"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The ``report`` config section: how plots are drawn."""
+
+    format: Literal["png", "svg"] = "png"  # png: small and shown inline; svg: sharp at any zoom
+    dpi: int = 110  # PNG resolution
+    # Weight of the exponential moving average drawn over the train curves (TensorBoard's
+    # smoothing; 0 draws the raw points only). Val points are never smoothed.
+    smooth: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.dpi < 30:
+            raise ConfigError(f"report.dpi must be at least 30, got {self.dpi}")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ConfigError(f"report.smooth must be in [0, 1), got {self.smooth}")
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.2em; color: #222; }
+h1 { font-size: 1.35em; } h2 { font-size: 1.1em; margin-top: 1.4em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.warn { color: #a40; } .ok { color: #060; } .muted { color: #777; font-size: 0.85em; }
+audio { width: 220px; height: 32px; }
+"""
+
+
+def _esc(value: Any) -> str:
+    if isinstance(value, float):
+        value = f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, *, raw: Iterable[int] = ()) -> str:
+    """An HTML table; numbers right-aligned; cells in column indices ``raw`` are inserted as HTML."""
+    raw = set(raw)
+    out = ["<table>"]
+    if header:
+        out.append("<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        cells = []
+        for i, v in enumerate(row):
+            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{v if i in raw else _esc(v)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def html_page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n<h1>{_esc(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _kv(mapping: Mapping[str, Any]) -> str:
+    return html_table([(k, v if not isinstance(v, (dict, list)) else json.dumps(v, ensure_ascii=False))
+                       for k, v in mapping.items()])
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, cfg: ReportConfig) -> Path:
+    """Save and close ``fig`` atomically, without a creation date (same data, same file)."""
+    plt = _plt()
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or cfg.format
+    meta = {"Date": None} if fmt == "svg" else {}
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=cfg.dpi, bbox_inches="tight", metadata=meta)
+    plt.close(fig)
+    return path
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(last / norm if norm else v)
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(records: Sequence[Mapping[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def _curve(ax, records, key: str, label: str, color, cfg: ReportConfig) -> bool:
+    """Train (raw + smoothed) and val (markers) of one metric; False when neither exists."""
+    xs, ys = _series(records, "train", key)
+    vx, vy = _series(records, "val", key)
+    if xs:
+        if cfg.smooth > 0 and len(xs) > 2:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
+            ax.plot(xs, ema(ys, cfg.smooth), color=color, linewidth=1.6, label=f"{label} (train)")
+        else:
+            ax.plot(xs, ys, color=color, linewidth=1.6, label=f"{label} (train)")
+    if vx:
+        ax.plot(vx, vy, color=color, marker="o", linestyle="--", linewidth=1, markersize=4, label=f"{label} (val)")
+    return bool(xs or vx)
+
+
+def _codebook_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = {k for r in records for k in r if k.startswith("mel_loss/cb")}
+    return sorted(keys, key=lambda k: int(k.rsplit("cb", 1)[1]))
+
+
+def plot_losses(records: Sequence[Mapping[str, Any]], path: str | Path, cfg: ReportConfig, title: str) -> Path:
+    """Loss (total and text) and code loss (mean and each codebook's), train and val."""
+    plt = _plt()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    _curve(a, records, "loss", "loss", colors[0], cfg)
+    _curve(a, records, "text_loss", "text", colors[1], cfg)
+    a.set_title("total and text loss")
+    _curve(b, records, "mel_loss", "codes (mean)", "black", cfg)
+    for i, key in enumerate(_codebook_keys(records)):
+        _curve(b, records, key, key.split("/")[1], colors[(i + 2) % len(colors)], cfg)
+    b.set_title("code loss per codebook")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path, cfg)
+
+
+def plot_throughput(records: Sequence[Mapping[str, Any]], path: str | Path, cfg: ReportConfig, title: str) -> Path:
+    """Learning rate, non-pad tokens/s and the gradient norm."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), layout="constrained")
+    for ax, key, label in zip(axes, ("lr", "tokens_per_s", "grad_norm"),
+                              ("learning rate", "non-pad tokens / s", "gradient norm (before clipping)")):
+        xs, ys = _series(records, "train", key)
+        ax.plot(xs, ys, marker=".", linewidth=1.4)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path, cfg)
+
+
+def plot_speaker(records: Sequence[Mapping[str, Any]], path: str | Path, cfg: ReportConfig,
+                 healthy: Sequence[float] | None, title: str) -> Path:
+    """Stage 2: speaker loss, speaker accuracy with the healthy band drawn, the GRL lambda."""
+    plt = _plt()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.4), layout="constrained")
+    _curve(a, records, "speaker_loss", "speaker CE", colors[0], cfg)
+    a.set_title("speaker classifier loss (on emo_vec)")
+    if healthy:
+        lo, hi = healthy
+        b.axhspan(lo, hi, color="green", alpha=0.12, label=f"healthy band [{lo}, {hi}]")
+    _curve(b, records, "speaker_acc", "accuracy", colors[1], cfg)
+    b.set_ylim(0, 1)
+    b.set_title("speaker accuracy")
+    xs, ys = _series(records, "train", "grl_lambda")
+    c.plot(xs, ys, color=colors[2], marker=".")
+    c.set_title("GRL lambda")
+    for ax in (a, b, c):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path, cfg)
+
+
+def plot_durations(durations: Sequence[float], splits: Sequence[str], path: str | Path, cfg: ReportConfig) -> Path:
+    """Histogram of kept utterance durations, train and val stacked."""
+    plt = _plt()
+    import numpy as np
+
+    d, s = np.asarray(durations, dtype=float), np.asarray(splits)
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    bins = np.linspace(0, max(1.0, float(d.max()) if d.size else 1.0), 31)
+    groups = [(d[s == name], name) for name in ("train", "val") if (s == name).any()]
+    ax.hist([g for g, _ in groups], bins=bins, stacked=True, label=[f"{n} ({len(g)})" for g, n in groups])
+    ax.set_xlabel("duration (s)")
+    ax.set_ylabel("utterances")
+    ax.set_title(f"durations of the {len(d)} kept utterances ({d.sum() / 3600:.2f} h)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, cfg)
+
+
+def plot_speakers(speakers: Sequence[str], durations: Sequence[float], splits: Sequence[str],
+                  selected: Iterable[str], path: str | Path, cfg: ReportConfig, max_bars: int = 40) -> Path:
+    """Per-speaker minutes (train/val stacked, stage-2 speakers marked) for up to ``max_bars``
+    speakers; beyond that, a histogram of minutes per speaker on a log axis."""
+    plt = _plt()
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"speaker": list(speakers), "minutes": np.asarray(durations, float) / 60, "split": list(splits)})
+    per = frame.pivot_table(index="speaker", columns="split", values="minutes", aggfunc="sum", fill_value=0.0)
+    per = per.reindex(columns=[c for c in ("train", "val") if c in per.columns])
+    per = per.loc[per.sum(axis=1).sort_values(ascending=False).index]
+    chosen = set(selected)
+    fig, ax = plt.subplots(figsize=(9, 3.6), layout="constrained")
+    if len(per) <= max_bars:
+        bottom = np.zeros(len(per))
+        for col in per.columns:
+            ax.bar(range(len(per)), per[col].to_numpy(), bottom=bottom, label=col)
+            bottom += per[col].to_numpy()
+        ax.set_xticks(range(len(per)))
+        ax.set_xticklabels([f"{s}{' *' if s in chosen else ''}" for s in per.index], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("minutes")
+        ax.set_title(f"{len(per)} speakers (* = a stage-2 classifier class)")
+        ax.legend()
+    else:
+        total = per.sum(axis=1).to_numpy()
+        bins = np.logspace(math.log10(max(total.min(), 1e-3)), math.log10(total.max() + 1e-9), 30)
+        ax.hist(total, bins=bins)
+        ax.set_xscale("log")
+        ax.set_xlabel("minutes per speaker")
+        ax.set_ylabel("speakers")
+        ax.set_title(f"{len(per)} speakers, {len(chosen)} chosen for the stage-2 classifier")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, cfg)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+def report_data(cfg: ReportConfig, *, summary: Path, clean: Path, vocab_report: Path, speakers: Path,
+                page: Path, durations_plot: Path, speakers_plot: Path) -> list[Path]:
+    """Data summary page (hours, speakers, rejects per reason, vocab report, speaker selection) and
+    the duration and per-speaker histograms."""
+    import pandas as pd
+
+    s = json.loads(Path(summary).read_text(encoding="utf-8"))
+    v = json.loads(Path(vocab_report).read_text(encoding="utf-8"))
+    spk = json.loads(Path(speakers).read_text(encoding="utf-8"))
+    frame = pd.read_parquet(clean, columns=["speaker", "duration", "split"])
+    hours = s.get("hours_by_split", {})
+    body = ["<h2>Corpus</h2>", html_table([
+        ("input rows", s.get("input_rows")), ("kept", s.get("kept")), ("rejected", s.get("rejected")),
+        ("kept + rejected = input", "yes" if s.get("reconciled") else "NO"),
+        ("hours kept", s.get("hours_kept")), *((f"hours {k}", h) for k, h in hours.items()),
+        *((f"utterances {k}", n) for k, n in s.get("utterances_by_split", {}).items()),
+        ("speakers", s.get("speakers")),
+        ("languages", ", ".join(f"{k}: {n}" for k, n in (s.get("languages") or {}).items())),
+        ("emotions", ", ".join(f"{k}: {n}" for k, n in (s.get("emotions") or {}).items()) or "none"),
+    ])]
+    reasons = sorted((s.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])
+    body += ["<h2>Rejects per reason</h2>", html_table([(k, n) for k, n in reasons], ("reason", "rows"))]
+    body += ["<h2>Vocabulary</h2>", html_table([
+        ("mode", v.get("mode")), ("model type", v.get("model_type")), ("pieces", v.get("vocab_size")),
+        ("val utterances", v.get("val_utterances")), ("val tokens", v.get("val_tokens")),
+        ("UNK ratio (val)", v.get("unk_ratio")), ("UNK ratio allowed", v.get("max_unk_ratio")),
+        ("character coverage (val)", v.get("val_char_coverage")),
+        ("mean tokens / utterance", ", ".join(f"{k}: {x:.2f}" for k, x in (v.get("mean_tokens_per_utterance") or {}).items())),
+        *((k, json.dumps(x, ensure_ascii=False)) for k, x in v.items()
+          if k in ("shared_with_base", "base_pieces", "new_pieces", "worst_chars") and x),
+    ])]
+    stats = spk.get("stats", {})
+    body += ["<h2>Speakers for the stage-2 classifier</h2>", _kv(stats)]
+    write_text(page, html_page("Data", "\n".join(body)))
+    plot_durations(frame["duration"].to_numpy(), frame["split"].astype(str).to_numpy(), durations_plot, cfg)
+    selected = (spk.get("speakers") or {}).keys()
+    plot_speakers(frame["speaker"].astype(str).tolist(), frame["duration"].to_numpy(), frame["split"].astype(str).tolist(),
+                  selected, speakers_plot, cfg)
+    return [Path(page), Path(durations_plot), Path(speakers_plot)]
+
+
+def stage_summary(stage: int, meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+                  transfer: Mapping[str, Any] | None) -> str:
+    """The HTML summary of one stage: what it trained, how the val losses moved, warnings, and the
+    transfer report when stage 1 imported a released gpt.pth."""
+    extra = meta.get("extra") or {}
+    params = extra.get("params") or {}
+    first, final = extra.get("first_val") or {}, extra.get("final_val") or {}
+    body = ["<h2>Run</h2>", html_table([
+        ("stage", meta.get("stage")), ("steps", meta.get("step")), ("training type", meta.get("training_type")),
+        ("parameters trainable / total", f"{params.get('trainable', 0):,} / {params.get('total', 0):,}"),
+        ("model", f"preset {meta['model'].get('preset')}, {meta['model'].get('n_codebooks')} codebook(s)"),
+        ("train utterances", (extra.get("data") or {}).get("train_utterances")),
+        ("dropped", json.dumps((extra.get("data") or {}).get("dropped"))),
+        ("padding efficiency", (extra.get("data") or {}).get("padding_efficiency")),
+        ("val code loss drop", f"{100 * extra['val_mel_loss_drop']:.1f} %" if "val_mel_loss_drop" in extra else "n/a"),
+    ])]
+    keys = [k for k in ("loss", "text_loss", "mel_loss", *sorted(k for k in final if k.startswith("mel_loss/")),
+                        "speaker_loss", "speaker_acc") if k in first or k in final]
+    body += ["<h2>Val losses</h2>", html_table([(k, first.get(k, ""), final.get(k, "")) for k in keys],
+                                                ("metric", "first", "final"))]
+    warnings = [r for r in records if r.get("warning")]
+    if warnings:
+        body += [f'<h2 class="warn">{len(warnings)} warning(s)</h2>',
+                 html_table([(r["step"], r["warning"]) for r in warnings[:50]], ("step", "warning"))]
+    body += ["<h2>Settings</h2>", _kv(extra.get("settings") or {})]
+    if transfer:
+        counts = transfer.get("counts") or {}
+        body += ["<h2>Transfer report (import of the released gpt.pth)</h2>", _kv(counts)]
+        re_init = transfer.get("reinitialised") or {}
+        if re_init:
+            body += ["<p>Re-initialised (left at fresh initialisation):</p>",
+                     html_table(sorted(re_init.items())[:200], ("key", "reason"))]
+        if transfer.get("vocab"):
+            body += ["<p>Vocabulary transfer by piece string:</p>", _kv(transfer["vocab"])]
+    return html_page(f"Stage {stage}", "\n".join(body))
+
+
+def report_stage(cfg: ReportConfig, stage: int, *, metrics: Path, meta: Path, transfer: Path | None = None,
+                 losses: Path | None = None, throughput: Path | None = None, summary: Path | None = None,
+                 speaker: Path | None = None) -> list[Path]:
+    """The plots and summary of one stage; each output is written when its path is given."""
+    records = read_metrics(metrics)
+    rec = json.loads(Path(meta).read_text(encoding="utf-8"))
+    name = {1: "basic", 2: "disentangle", 3: "fine-tune"}.get(stage, "")
+    out = []
+    if losses:
+        out.append(plot_losses(records, losses, cfg, f"stage {stage} ({name}): losses"))
+    if throughput:
+        out.append(plot_throughput(records, throughput, cfg, f"stage {stage} ({name}): optimiser and throughput"))
+    if speaker:
+        healthy = ((rec.get("extra") or {}).get("settings") or {}).get("healthy_acc")
+        out.append(plot_speaker(records, speaker, cfg, healthy, f"stage {stage} ({name}): speaker-adversarial terms"))
+    if summary:
+        tr = json.loads(Path(transfer).read_text(encoding="utf-8")) if transfer else None
+        out.append(write_text(summary, stage_summary(stage, rec, records, tr)))
+    return out
+
+
+def _copy_audio(src: str | Path, dest: Path, seconds: float | None = None) -> Path:
+    """``src`` as a 16-bit WAV at its own rate (the first ``seconds`` when given)."""
+    import soundfile as sf
+
+    data, sr = sf.read(str(src), dtype="float32", always_2d=True)
+    if seconds is not None:
+        data = data[: int(seconds * sr)]
+    with atomic_path(dest) as tmp:
+        sf.write(str(tmp), data, sr, subtype="PCM_16", format="WAV")
+    return dest
+
+
+def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds: float) -> Path:
+    """The samples page: ``out_dir/index.html`` with one table per stage and every clip playable
+    (the generated WAVs, the prompts as the model heard them, the real recordings of the texts).
+
+    Args:
+        tables: stage -> its ``samples.tsv`` (the WAVs lie beside it as ``<name>.wav``).
+        out_dir: the page's folder (a ``report(directory(...), htmlindex="index.html")`` output).
+        prompt_seconds: the crop synthesis applied to the prompts (``synthesize.prompt_seconds``).
+    """
+    import pandas as pd
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    clips: dict[tuple[str, str], str] = {}
+
+    def clip(kind: str, src: str, seconds: float | None = None) -> str:
+        if not src:
+            return ""
+        key = (kind, src)
+        if key not in clips:
+            rel = f"{kind}/{len([k for k in clips if k[0] == kind]):03d}_{Path(src).stem}.wav"
+            _copy_audio(src, out_dir / rel, seconds)
+            clips[key] = rel
+        return clips[key]
+
+    def audio(rel: str) -> str:
+        return f'<audio controls preload="metadata" src="{html.escape(rel)}"></audio>' if rel else ""
+
+    body = [f'<p><a href="{REPORT_FROM_SAMPLES}" target="_top">&larr; back to the report</a></p>',
+            "<p>Each stage speaks the same texts (val utterances, never trained on) with held-out prompts of the "
+            "same speaker (<i>same</i>), and in one speaker's timbre with another speaker's emotion prompt "
+            f"(<i>cross</i>). Prompts play as the model heard them (their first {prompt_seconds:g} s). RTF: wall time "
+            "of the batch over the audio it produced.</p>"]
+    for stage in sorted(tables):
+        table = pd.read_csv(tables[stage], sep="\t", dtype=str, keep_default_na=False)
+        rows = []
+        for r in table.to_dict("records"):
+            gen = f"stage{stage}/{r['name']}.wav"
+            dest = out_dir / gen
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tables[stage]).parent / f"{r['name']}.wav", dest)
+            stopped = r.get("stop_reached") == "True"
+            rows.append((
+                r["name"], r["text"], audio(gen),
+                f"{_esc(r.get('speaker', ''))}<br>{audio(clip('prompts', r['speaker_prompt'], prompt_seconds))}",
+                (f"{_esc(r.get('emotion_speaker', ''))} {_esc(r.get('emotion', ''))}<br>"
+                 f"{audio(clip('prompts', r['emotion_prompt'], prompt_seconds))}" if r.get("emotion_prompt") else
+                 '<span class="muted">speaker prompt</span>'),
+                audio(clip("references", r.get("reference", ""))),
+                int(r["frames"]), float(r["seconds"]),
+                '<span class="ok">yes</span>' if stopped else '<span class="warn">no (max length)</span>',
+                float(r["rtf"]),
+            ))
+        body += [f"<h2>Stage {stage}</h2>", html_table(
+            rows, ("name", "text", "generated", "speaker prompt", "emotion prompt", "real recording", "frames",
+                   "seconds", "stop reached", "RTF"), raw=(2, 3, 4, 5, 8))]
+    return write_text(out_dir / "index.html", html_page("Samples per stage", "\n".join(body)))
+
+
+def report_export(export_report: Path, page: Path) -> Path:
+    """The export report as a page: files, the re-import check, what IndexTTS2 can and cannot do."""
+    r = json.loads(Path(export_report).read_text(encoding="utf-8"))
+    cap = r.get("indextts2") or {}
+    check = r.get("reimport") or {}
+    body = ["<h2>What was exported</h2>", html_table([
+        ("from", f"{r.get('checkpoint')} ({r.get('stage')}, step {r.get('step')})"),
+        ("codebooks", r.get("n_codebooks")), ("codec", json.dumps(r.get("codec"))),
+        ("layout", "official gpt.pth" if cap.get("official_layout") else "our checkpoint folder"),
+        ("files", ", ".join(r.get("files") or [])), ("released config kept", r.get("released_config") or "none given"),
+    ])]
+    if r.get("official_refused"):
+        body += [f'<p class="warn">Official layout refused: {_esc(r["official_refused"])}</p>']
+    body += ["<h2>Re-import check</h2>", html_table([
+        ("how", check.get("how")), ("identical outputs", "yes" if check.get("identical") else "NO"),
+        ("largest difference", check.get("max_abs_diff")), ("differing tensors", len(check.get("differing_tensors") or [])),
+    ])]
+    body += ["<h2>With IndexTTS2's own inference</h2>", "<p>It can:</p><ul>"
+             + "".join(f"<li>{_esc(x)}</li>" for x in cap.get("can") or ["nothing listed"]) + "</ul>",
+             "<p>It cannot:</p><ul>" + "".join(f"<li>{_esc(x)}</li>" for x in cap.get("cannot") or ["nothing listed"])
+             + "</ul>", f"<p class=\"muted\">{_esc(r.get('positions', ''))}</p>"]
+    return write_text(page, html_page("Export", "\n".join(body)))
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def _report_cfg(arg: str | None) -> ReportConfig:
+    return get_section(ReportConfig, load_config_arg(arg), "report") if arg else ReportConfig()
+
+
+def cli_report_data(argv: list[str]) -> int:
+    """``indextts report-data``: data summary page and histograms."""
+    p = argparse.ArgumentParser(prog="indextts report-data", description=cli_report_data.__doc__)
+    p.add_argument("--config", help="config file or inline JSON with a report section")
+    for name in ("summary", "clean", "vocab-report", "speakers", "page", "durations", "speakers-plot"):
+        p.add_argument(f"--{name}", required=True)
+    a = p.parse_args(argv)
+    out = report_data(_report_cfg(a.config), summary=Path(a.summary), clean=Path(a.clean),
+                      vocab_report=Path(a.vocab_report), speakers=Path(a.speakers), page=Path(a.page),
+                      durations_plot=Path(a.durations), speakers_plot=Path(a.speakers_plot))
+    print("wrote " + ", ".join(map(str, out)))
+    return 0
+
+
+def cli_report_stage(argv: list[str]) -> int:
+    """``indextts report-stage``: one stage's curves and summary (each output when asked for)."""
+    p = argparse.ArgumentParser(prog="indextts report-stage", description=cli_report_stage.__doc__)
+    p.add_argument("--config", help="config file or inline JSON with a report section")
+    p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
+    p.add_argument("--metrics", required=True, help="the stage's metrics.jsonl")
+    p.add_argument("--meta", required=True, help="the stage's model.json")
+    p.add_argument("--transfer", help="stage 1's transfer_report.json (an import of the released gpt.pth)")
+    for name in ("losses", "throughput", "summary", "speaker"):
+        p.add_argument(f"--{name}", help=f"write the {name} output here")
+    a = p.parse_args(argv)
+    out = report_stage(_report_cfg(a.config), a.stage, metrics=Path(a.metrics), meta=Path(a.meta),
+                       transfer=Path(a.transfer) if a.transfer else None,
+                       **{k: Path(getattr(a, k)) if getattr(a, k) else None
+                          for k in ("losses", "throughput", "summary", "speaker")})
+    print("wrote " + ", ".join(map(str, out)))
+    return 0
+
+
+def cli_report_samples(argv: list[str]) -> int:
+    """``indextts report-samples``: the samples page with playable audio."""
+    p = argparse.ArgumentParser(prog="indextts report-samples", description=cli_report_samples.__doc__)
+    p.add_argument("--tables", nargs="+", required=True, help="results/samples/stageN/samples.tsv, one per stage")
+    p.add_argument("--out-dir", required=True, help="the page's folder")
+    p.add_argument("--prompt-seconds", type=float, default=6.0, help="synthesize.prompt_seconds")
+    a = p.parse_args(argv)
+    tables = {}
+    for t in a.tables:
+        stage = Path(t).parent.name
+        if not stage.startswith("stage") or not stage[5:].isdigit():
+            p.error(f"{t}: expected results/samples/stageN/samples.tsv")
+        tables[int(stage[5:])] = Path(t)
+    page = report_samples(tables, Path(a.out_dir), prompt_seconds=a.prompt_seconds)
+    print(f"wrote {page}")
+    return 0
+
+
+def cli_report_export(argv: list[str]) -> int:
+    """``indextts report-export``: the export report as a page."""
+    p = argparse.ArgumentParser(prog="indextts report-export", description=cli_report_export.__doc__)
+    p.add_argument("--export-report", required=True, help="results/export/export_report.json")
+    p.add_argument("--page", required=True)
+    a = p.parse_args(argv)
+    print(f"wrote {report_export(Path(a.export_report), Path(a.page))}")
+    return 0

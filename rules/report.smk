@@ -1,0 +1,154 @@
+# Report pieces: each rule draws one part of the report from outputs that exist already, and flags
+# what it writes with report(), so `snakemake --report results/report.zip` gathers them by
+# category (captions in rules/report/). The samples are one HTML page with <audio> elements, a
+# directory output whose clips travel in the zip beside it: Snakemake's viewer does not play WAV.
+
+REPORT_CODE = code_id("report", *CORE)
+FMT = config["report"]["format"]
+REPORT_DIR = f"{RESULTS}/report"
+
+
+rule report_data:
+    input:
+        summary=f"{RESULTS}/clean/summary.json",
+        clean=f"{RESULTS}/clean/clean.parquet",
+        vocab_report=f"{RESULTS}/vocab/vocab_report.json",
+        speakers=f"{RESULTS}/speakers/speakers.json",
+    output:
+        page=report(f"{REPORT_DIR}/data/data.html", caption="report/data.rst", category="1. Data"),
+        durations=report(
+            f"{REPORT_DIR}/data/durations.{FMT}",
+            caption="report/durations.rst",
+            category="1. Data",
+        ),
+        speakers=report(
+            f"{REPORT_DIR}/data/speakers.{FMT}",
+            caption="report/speakers.rst",
+            category="1. Data",
+        ),
+    log:
+        f"{LOGS}/report/report_data.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        cfg=stage_config("report"),
+        code=REPORT_CODE,
+    shell:
+        "indextts report-data --config {params.cfg:q} --summary {input.summary:q}"
+        " --clean {input.clean:q} --vocab-report {input.vocab_report:q}"
+        " --speakers {input.speakers:q} --page {output.page:q}"
+        " --durations {output.durations:q} --speakers-plot {output.speakers:q} > {log:q} 2>&1"
+
+
+rule report_stage:
+    input:
+        unpack(get_transfer_report),
+        metrics=f"{RESULTS}/train/stage{{stage}}/metrics.jsonl",
+        meta=f"{RESULTS}/train/stage{{stage}}/model.json",
+    output:
+        losses=report(
+            f"{REPORT_DIR}/stage{{stage}}/losses.{FMT}",
+            caption="report/losses.rst",
+            category=report_stage_category,
+        ),
+        throughput=report(
+            f"{REPORT_DIR}/stage{{stage}}/throughput.{FMT}",
+            caption="report/throughput.rst",
+            category=report_stage_category,
+        ),
+        summary=report(
+            f"{REPORT_DIR}/stage{{stage}}/summary.html",
+            caption="report/stage_summary.rst",
+            category=report_stage_category,
+        ),
+    log:
+        f"{LOGS}/report/stage{{stage}}.log",
+    wildcard_constraints:
+        stage="[123]",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        cfg=stage_config("report"),
+        code=REPORT_CODE,
+        transfer=transfer_arg,
+    shell:
+        "indextts report-stage --config {params.cfg:q} --stage {wildcards.stage}"
+        " --metrics {input.metrics:q} --meta {input.meta:q}{params.transfer}"
+        " --losses {output.losses:q} --throughput {output.throughput:q}"
+        " --summary {output.summary:q} > {log:q} 2>&1"
+
+
+rule report_speaker:
+    input:
+        metrics=rules.train_stage2.output.metrics,
+        meta=rules.train_stage2.output.meta,
+    output:
+        speaker=report(
+            f"{REPORT_DIR}/stage2/speaker.{FMT}",
+            caption="report/speaker.rst",
+            category="3. Stage 2",
+        ),
+    log:
+        f"{LOGS}/report/speaker.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        cfg=stage_config("report"),
+        code=REPORT_CODE,
+    shell:
+        "indextts report-stage --config {params.cfg:q} --stage 2 --metrics {input.metrics:q}"
+        " --meta {input.meta:q} --speaker {output.speaker:q} > {log:q} 2>&1"
+
+
+rule report_samples:
+    input:
+        tables=expand(f"{RESULTS}/samples/stage{{stage}}/samples.tsv", stage=SAMPLE_STAGES),
+        wavs=expand(
+            f"{RESULTS}/samples/stage{{stage}}/{{name}}.wav",
+            stage=SAMPLE_STAGES,
+            name=sample_names(),
+        ),
+    output:
+        page=report(
+            directory(f"{REPORT_DIR}/samples"),
+            htmlindex="index.html",
+            caption="report/samples.rst",
+            category="5. Samples",
+        ),
+    log:
+        f"{LOGS}/report/samples.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        prompt_seconds=config["synthesize"]["prompt_seconds"],
+        code=REPORT_CODE,
+    shell:
+        "indextts report-samples --tables {input.tables:q} --out-dir {output.page:q}"
+        " --prompt-seconds {params.prompt_seconds} > {log:q} 2>&1"
+
+
+rule report_export:
+    input:
+        folder=rules.export.output.folder,
+    output:
+        page=report(f"{REPORT_DIR}/export.html", caption="report/export.rst", category="6. Export"),
+    log:
+        f"{LOGS}/report/export.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        code=REPORT_CODE,
+    shell:
+        "indextts report-export --export-report {input.folder:q}/export_report.json"
+        " --page {output.page:q} > {log:q} 2>&1"
+
+
+_EXTRA_TARGETS.extend(
+    [
+        *rules.report_data.output,
+        *expand(f"{REPORT_DIR}/stage{{stage}}/summary.html", stage=(1, 2, 3)),
+        *rules.report_speaker.output,
+        rules.report_export.output.page,
+        *([f"{REPORT_DIR}/samples"] if SAMPLE_STAGES else []),
+    ]
+)
