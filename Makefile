@@ -8,8 +8,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := espeak-ng sox
-# What tests/test_slurm.py needs for its one-node SLURM (daemons started by the test itself).
-TEST_DEB_PACKAGES := slurm-wlm munge
+# What tests/test_slurm.py needs for its one-node SLURM (daemons started by the test itself),
+# and the headless browser tests/test_report.py opens the report in.
+TEST_DEB_PACKAGES := slurm-wlm munge chromium
 # Root installs Debian packages directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CORES ?= all
@@ -32,9 +33,14 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
-# The whole pipeline on the embedded demo default (config.yaml), on CPU.
+# The whole pipeline on the embedded demo default (config.yaml), on CPU, then the report.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --resources gpu=1 $(SNAKEMAKE_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.zip $(SNAKEMAKE_ARGS)
+	@echo
+	@echo "report:  results/report.zip (unzip it, open report/report.html in a browser)"
+	@echo "samples: results/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 5. Samples)"
+	@echo "export:  results/export/ (export_report.json says what IndexTTS2 can do with it)"
 
 # The house conventions first (snakefmt, snakemake --lint), so CI fails on a regression; then
 # the suite, SLURM test included.

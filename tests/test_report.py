@@ -216,8 +216,11 @@ main().catch(e => out.errors.push(String(e))).finally(() => {
 @contextlib.contextmanager
 def serve(root: Path):
     """A local HTTP server over ``root`` (one origin, so the check page can look into the report)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

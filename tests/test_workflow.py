@@ -124,3 +124,67 @@ def test_demo_dag_trains_three_stages_and_stage1_learns(demo):
 
 
 
+
+
+# --- synthesis, export, report (issue 9) ----------------------------------------------------------
+
+
+def test_demo_dag_yields_samples_export_and_report(demo):
+    """rule all covers the samples of every stage, the export and the report pieces."""
+    import soundfile as sf
+
+    names = [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]
+    for stage in (1, 2, 3):
+        table = pd.read_csv(demo / f"results/samples/stage{stage}/samples.tsv", sep="\t")
+        assert list(table["name"]) == names
+        assert {"text", "speaker_prompt", "emotion_prompt", "frames", "seconds", "stop_reached", "rtf"} <= set(table.columns)
+        for row in table.itertuples():
+            info = sf.info(str(demo / f"results/samples/stage{stage}/{row.name}.wav"))
+            assert abs(info.duration - row.seconds) < 1e-3 and row.frames * 320 == info.frames
+        assert (table["kind"] == "cross").sum() == 2 and (table.loc[table["kind"] == "cross", "emotion_prompt"] != "").all()
+    export = json.loads((demo / "results/export/export_report.json").read_text())
+    assert export["reimport"]["ok"] and export["n_codebooks"] == 3  # the demo's DAC: our folder, with the reason
+    assert "3 codebooks" in export["official_refused"]
+    assert sorted(p.name for p in (demo / "results/export").iterdir() if not p.name.startswith(".")) == export["files"]
+    for piece in ("data/data.html", "data/durations.png", "data/speakers.png", "stage2/speaker.png", "export.html",
+                  "samples/index.html", *(f"stage{k}/{n}" for k in (1, 2, 3) for n in ("losses.png", "summary.html"))):
+        assert (demo / "results/report" / piece).stat().st_size > 0, piece
+
+
+def test_demo_report_zip_opens_in_chromium(demo, tmp_path):
+    from tests.test_report import check_report, open_in_chromium
+
+    proc = snakemake(demo, "--report", "results/report.zip")
+    assert "Report created" in proc.stdout + proc.stderr
+    seen = open_in_chromium(demo / "results/report.zip", tmp_path)
+    page = demo / "results/report/samples"
+    check_report(seen, tmp_path, n_images=2 + 2 * 3 + 1, wav_of=lambda url: page / url.split("/", 5)[5])
+    generated = {a["src"] for a in seen["audio"] if a["src"].startswith("stage")}
+    assert generated == {f"stage{k}/{n}.wav" for k in (1, 2, 3)
+                         for n in [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]}
+    assert {p["title"] for p in seen["pages"]} >= {"Data", "Stage 1", "Stage 2", "Stage 3", "Samples per stage", "Export"}
+
+
+def test_each_stage_speaks_from_its_folder_and_the_codec_alone(demo, tmp_path):
+    """A stage folder copied away, its model.json pointing at a vocabulary and codec that are gone."""
+    import subprocess
+
+    from tests.workflow_util import BIN
+
+    codec = tmp_path / "dac.pth"
+    shutil.copy(demo / "results/demo/codec/dac_tiny.pth", codec)
+    prompt = pd.read_parquet(demo / "results/clean/clean.parquet").query("split == 'val'")["audio_path"].iloc[0]
+    for stage in (1, 2, 3):
+        folder = tmp_path / f"stage{stage}"
+        for name in ("model.safetensors", "model.json", "bpe.model"):
+            (folder / name).parent.mkdir(exist_ok=True)
+            shutil.copy(demo / f"results/train/stage{stage}" / name, folder / name)
+        meta = json.loads((folder / "model.json").read_text())
+        meta["vocab"]["path"], meta["codec"]["weights"] = "/gone/bpe.model", "/gone/dac.pth"
+        (folder / "model.json").write_text(json.dumps(meta))
+        out = tmp_path / f"s{stage}.wav"
+        proc = subprocess.run([str(BIN / "indextts"), "synthesize", "--checkpoint", str(folder), "--codec-weights",
+                               str(codec), "--text", "ሰላም ነው", "--speaker-prompt", prompt, "--out", str(out),
+                               "--max-frames", "50"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert out.stat().st_size > 44
