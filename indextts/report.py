@@ -380,7 +380,8 @@ def report_stage(cfg: ReportConfig, stage: int, *, metrics: Path, meta: Path, tr
         healthy = ((rec.get("extra") or {}).get("settings") or {}).get("healthy_acc")
         out.append(plot_speaker(records, speaker, cfg, healthy, f"stage {stage} ({name}): speaker-adversarial terms"))
     if summary:
-        tr = json.loads(Path(transfer).read_text(encoding="utf-8")) if transfer else None
+        # Stage 1 writes a transfer report only when it imported the released gpt.pth.
+        tr = json.loads(Path(transfer).read_text(encoding="utf-8")) if transfer and Path(transfer).is_file() else None
         out.append(write_text(summary, stage_summary(stage, rec, records, tr)))
     return out
 
@@ -509,7 +510,7 @@ def cli_report_stage(argv: list[str]) -> int:
     p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
     p.add_argument("--metrics", required=True, help="the stage's metrics.jsonl")
     p.add_argument("--meta", required=True, help="the stage's model.json")
-    p.add_argument("--transfer", help="stage 1's transfer_report.json (an import of the released gpt.pth)")
+    p.add_argument("--transfer", help="stage 1's transfer_report.json, read when it exists (an import of the released gpt.pth)")
     for name in ("losses", "throughput", "summary", "speaker"):
         p.add_argument(f"--{name}", help=f"write the {name} output here")
     a = p.parse_args(argv)

@@ -259,16 +259,12 @@ def get_released_config(wildcards):
     return {"released_config": path} if path else {}
 
 
-def get_transfer_report(wildcards):
-    """Stage 1's transfer_report.json: it exists when stage 1 imported pretrained.gpt."""
-    if int(wildcards.stage) == 1 and (config.get("pretrained") or {}).get("gpt"):
-        return {"transfer": f"{RESULTS}/train/stage1/transfer_report.json"}
-    return {}
-
-
-def transfer_arg(wildcards, input):
-    """`` --transfer FILE`` when the stage has a transfer report, else nothing."""
-    return f" --transfer {input.transfer}" if "transfer" in input.keys() else ""
+def transfer_arg(wildcards):
+    """`` --transfer FILE`` for stage 1: the transfer report train_stage1 writes beside its weights
+    when it imported pretrained.gpt (not a declared output, so not an input; read if present)."""
+    if int(wildcards.stage) == 1:
+        return f" --transfer {RESULTS}/train/stage1/transfer_report.json"
+    return ""
 
 
 def report_stage_category(wildcards):

@@ -42,7 +42,6 @@ rule report_data:
 
 rule report_stage:
     input:
-        unpack(get_transfer_report),
         metrics=f"{RESULTS}/train/stage{{stage}}/metrics.jsonl",
         meta=f"{RESULTS}/train/stage{{stage}}/model.json",
     output:

@@ -129,10 +129,21 @@ def test_stage_plots_and_summary_from_metrics(tmp_path: Path) -> None:
     svg = report_stage(ReportConfig(format="svg"), 2, metrics=metrics, meta=meta, speaker=out / "speaker.svg")[0]
     text = svg.read_text()
     assert text.startswith("<?xml") and "<dc:date>" not in text
-    # Stage 1 has no speaker terms: its loss plot still draws.
+    # Stage 1 has no speaker terms: its loss plot still draws. Its summary shows the transfer
+    # report when the stage imported the released gpt.pth, and nothing of it otherwise.
     metrics1, meta1 = write_stage(tmp_path, 1)
     report_stage(ReportConfig(), 1, metrics=metrics1, meta=meta1, losses=out / "l1.png")
     assert png_size(out / "l1.png")[0] > 300
+    transfer = tmp_path / "transfer_report.json"
+    report_stage(ReportConfig(), 1, metrics=metrics1, meta=meta1, transfer=transfer, summary=out / "s1.html")
+    assert "Transfer report" not in (out / "s1.html").read_text()
+    transfer.write_text(json.dumps({
+        "counts": {"loaded": 650, "transposed": 96, "transferred": 2, "reinitialised": 1, "unused": 0},
+        "reinitialised": {"mel_embedding.weight": "shape [8194, 1280] in the file, [18, 1280] here"},
+        "vocab": {"n_old": 12000, "n_new": 256, "shared": 120, "coverage": 0.47}}))
+    report_stage(ReportConfig(), 1, metrics=metrics1, meta=meta1, transfer=transfer, summary=out / "s1.html")
+    page = (out / "s1.html").read_text()
+    assert "Transfer report" in page and "mel_embedding.weight" in page and "[18, 1280] here" in page
 
 
 def test_samples_page_plays_every_clip_and_links_back(tmp_path: Path) -> None:
