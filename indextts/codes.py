@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indextts.config import ConfigError, get_section, load_config_arg, merge_runtime
-from indextts.files import atomic_path, sha256_file, write_json
+from indextts.files import sha256_file, write_json, write_parquet
 
 if TYPE_CHECKING:
     from indextts.codec import CodecConfig
@@ -327,11 +327,10 @@ REJECTS_SCHEMA = pa.schema(
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    # Fixed writer settings and no timestamps anywhere: the same table gives the same bytes.
+    # The shared writer (fixed settings, no timestamps: the same table gives the same bytes).
     # Dictionary encoding stays on for codes: codebooks of <= 1024 entries pack to 10-bit
     # indices, which made shards smaller and faster to read than plain int16.
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+    write_parquet(table, path, row_group_size=1 << 20)
 
 
 def _remove_stale_temporaries(path: Path) -> None:

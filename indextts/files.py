@@ -1,4 +1,9 @@
-"""Atomic file writing and hashing: no reader ever sees half a file."""
+"""Atomic file writing and hashing: no reader ever sees half a file.
+
+Every Parquet table the pipeline writes goes through :func:`write_parquet` (or
+:func:`parquet_writer` for one written in row groups), so all of them share one set of writer
+settings: zstd, no timestamps, so the same table gives the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 @contextlib.contextmanager
@@ -49,3 +57,44 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def parquet_writer(
+    path: str | os.PathLike,
+    schema: pa.Schema,
+    *,
+    dictionary: bool | Sequence[str] = True,
+    statistics: bool | Sequence[str] = True,
+) -> Iterator[pq.ParquetWriter]:
+    """Yield a zstd Parquet writer for ``path``; each ``write_table`` call adds row groups, and
+    the file is renamed into place when the block succeeds (see :func:`atomic_path`).
+
+    Args:
+        path: the final file.
+        schema: the schema of every table written.
+        dictionary: dictionary-encode all columns (True) or only these. Dictionary encoding pays
+            for repeated values (speakers, codebook indices); on unique strings it is built,
+            found too large and dropped, which costs time for nothing.
+        statistics: min/max statistics for all columns (True) or only these.
+    """
+    with atomic_path(path) as tmp:
+        opts = {"use_dictionary": dictionary if isinstance(dictionary, bool) else list(dictionary),
+                "write_statistics": statistics if isinstance(statistics, bool) else list(statistics)}
+        with pq.ParquetWriter(tmp, schema, compression="zstd", **opts) as writer:
+            yield writer
+
+
+def write_parquet(
+    table: pa.Table,
+    path: str | os.PathLike,
+    *,
+    row_group_size: int | None = None,
+    dictionary: bool | Sequence[str] = True,
+    statistics: bool | Sequence[str] = True,
+) -> Path:
+    """Write ``table`` as zstd Parquet, atomically. ``row_group_size`` rows per row group
+    (Arrow's default when None); ``dictionary`` and ``statistics`` as in :func:`parquet_writer`."""
+    with parquet_writer(path, table.schema, dictionary=dictionary, statistics=statistics) as writer:
+        writer.write_table(table, row_group_size=row_group_size)
+    return Path(path)

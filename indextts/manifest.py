@@ -6,18 +6,33 @@ in config. Every input row ends up in exactly one of the two tables, so
 its source manifest, its row number, its raw fields, a reason code from a fixed vocabulary
 (:data:`REASONS`) and a human-readable detail.
 
-The work is vectorised over Arrow arrays and numpy; the only per-row Python is the audio-header
-probe, which runs in a thread pool (soundfile releases the GIL) and reads headers, never
-samples, and ``json.loads`` on the few lines Arrow's JSON parser rejects. JSONL blocks and
-transcript normalisation run on all cores (Arrow kernels release the GIL). Duplicates and the
-train/val split use XXH64 (:func:`stable_hash64`), computed over Arrow's string buffers.
-For corpora too large to probe, ``clean.trust_durations`` takes durations from the manifest.
+Audio paths. ``clean.parquet``'s ``audio_path`` is the path as the manifest wrote it, made
+absolute: a relative path is joined to the manifest's folder, nothing else is changed. Symbolic
+links and ``.``/``..`` are left as they are, because they are often deliberate: a link farm that
+assembles a corpus, or a ``/data`` link that points at different storage on each cluster node
+(resolving it would bake one node's mount into the table). The duplicate check, though, compares
+*resolved* paths (:func:`resolve_paths`, the same as ``os.path.realpath``), so ``a/b.wav``,
+``a/../a/b.wav`` and a symlink to it are one file: the first listing is kept, the later ones are
+rejected as ``duplicate`` with a detail naming the earlier row and the resolved path.
+
+How it runs (:func:`clean_manifest`): read (JSONL blocks parsed in parallel by Arrow; a block
+with a bad line is bisected until that line is isolated and parsed with ``json.loads``) ->
+normalise (spans of rows in a thread pool, ahead of the checks: polars and Arrow kernels release
+the GIL, see :mod:`indextts.text`) -> check (span after span in row order) -> write (each span's
+kept rows become a row group of clean.parquet at once, so the single-threaded zstd encoding runs
+beside the normalisation of later spans). The only per-row Python is the audio-header probe, in a
+thread pool (soundfile releases the GIL; headers only, never samples), and the XXH64 of kept
+utt_ids for the train/val split (:func:`stable_fraction`). Duplicates are found exactly, by
+Arrow's hash tables over the strings. For corpora too large to probe, ``clean.trust_durations``
+takes durations from the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
+import itertools
 import json
 import os
 import re
@@ -35,8 +50,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from indextts.config import get_section, load_config_arg, pairs
-from indextts.files import atomic_path, write_json
-from indextts.text import TextConfig, has_bad_encoding, normalize_array
+from indextts.files import parquet_writer, write_json, write_parquet
+from indextts.text import TextConfig, count_chars, has_bad_encoding, normalize_array
 
 # The fixed vocabulary of reject reasons, in the order the checks run (a row gets the first).
 REASONS = (
@@ -175,6 +190,49 @@ def _jsonl_blocks(path: Path) -> Iterator[bytes]:
             yield block
 
 
+@dataclass(frozen=True)
+class _JsonFormat:
+    """How Arrow parses one manifest's JSONL: the canonical columns and the parser options."""
+
+    schema: pa.Schema
+    parse: pajson.ParseOptions
+    read: pajson.ReadOptions
+
+    @classmethod
+    def of(cls, mapping: dict[str, str]) -> _JsonFormat:
+        schema = _jsonl_schema(mapping)
+        return cls(
+            schema,
+            pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False),
+            pajson.ReadOptions(use_threads=False, block_size=4 * _JSON_BLOCK_BYTES),
+        )
+
+
+@dataclass
+class _Block:
+    """One block of whole JSONL lines being parsed, and what parsing it has produced so far.
+    Line numbers are 1-based within the block."""
+
+    data: bytes
+    fmt: _JsonFormat
+    starts: np.ndarray  # byte offset where each line starts
+    ends: np.ndarray  # byte offset of each line's newline (or the block's end)
+    blank: np.ndarray  # True for blank lines, which are not rows
+    tables: list[pa.Table] = field(default_factory=list)  # parsed rows, with their line numbers
+    malformed: list[dict] = field(default_factory=list)  # {row, detail} for lines no parser took
+
+    @classmethod
+    def index(cls, data: bytes, fmt: _JsonFormat) -> _Block:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        nl = np.flatnonzero(buf == 10)
+        starts = np.concatenate(([0], nl + 1))
+        ends = np.concatenate((nl, [len(data)]))
+        blank = np.zeros(len(starts), dtype=bool)
+        for i in np.flatnonzero(ends - starts <= 8):  # only short lines can be blank; check those
+            blank[i] = not data[starts[i] : ends[i]].strip()
+        return cls(data, fmt, starts, ends, blank)
+
+
 def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dict]]:
     """Parse a JSONL manifest with Arrow, block by block, blocks in parallel.
 
@@ -184,15 +242,13 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
     block, and it lands in the rejects instead of failing the whole file. Row numbers are physical
     1-based line numbers; blank lines are not rows.
     """
-    schema = _jsonl_schema(mapping)
-    parse_opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
-    read_opts = pajson.ReadOptions(use_threads=False, block_size=4 * _JSON_BLOCK_BYTES)
+    fmt = _JsonFormat.of(mapping)
     workers = _workers()
     results: list[cf.Future] = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         window: list[cf.Future] = []
         for data in _jsonl_blocks(path):
-            fut = pool.submit(_parse_block, data, schema, parse_opts, read_opts)
+            fut = pool.submit(_parse_block, data, fmt)
             results.append(fut)
             window.append(fut)
             if len(window) > 4 * workers:  # bound the bytes held in memory while parsing
@@ -209,60 +265,52 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
         malformed += [{**b, "row": b["row"] + lines_before} for b in bad]
         lines_before += n_lines
     if not tables:
-        return _empty_rows(schema), malformed
+        return _empty_rows(fmt.schema), malformed
     return pa.concat_tables(tables), malformed
 
 
-def _parse_block(data: bytes, schema: pa.Schema, parse_opts, read_opts) -> tuple[list[pa.Table], list[dict], int]:
+def _parse_block(data: bytes, fmt: _JsonFormat) -> tuple[list[pa.Table], list[dict], int]:
     """Parse one block of whole lines. Returns its tables and malformed lines, numbered from 1
     within the block, and the block's number of newlines."""
-    tables: list[pa.Table] = []
-    malformed: list[dict] = []
     n_newlines = data.count(b"\n")
     has_blank = data[: data.find(b"\n") + 1 or len(data)].isspace() or _BLANK_LINE.search(data) is not None
     if not has_blank:
         n_lines = n_newlines + (0 if data.endswith(b"\n") else 1)
-        table = _try_parse(data, 0, len(data), parse_opts, read_opts)
+        table = _try_parse(data, 0, len(data), fmt)
         if table is not None and table.num_rows == n_lines:
             rows = np.arange(1, n_lines + 1, dtype=np.int64)
-            return [table.append_column("row", pa.array(rows))], malformed, n_newlines
+            return [table.append_column("row", pa.array(rows))], [], n_newlines
     # Blank lines or a bad line: index the lines of this block and work on line ranges.
-    buf = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(buf == 10)
-    starts = np.concatenate(([0], nl + 1))
-    ends = np.concatenate((nl, [len(data)]))
-    blank = np.zeros(len(starts), dtype=bool)
-    for i in np.flatnonzero(ends - starts <= 8):  # only short lines can be blank; check those
-        blank[i] = not data[starts[i] : ends[i]].strip()
-    _parse_lines(data, starts, ends, blank, 0, len(starts), 0, schema, parse_opts, read_opts, tables, malformed)
-    return tables, malformed, n_newlines
+    block = _Block.index(data, fmt)
+    _parse_lines(block, 0, len(block.starts))
+    return block.tables, block.malformed, n_newlines
 
 
-def _try_parse(data: bytes, lo: int, hi: int, parse_opts, read_opts) -> pa.Table | None:
+def _try_parse(data: bytes, lo: int, hi: int, fmt: _JsonFormat) -> pa.Table | None:
     try:
-        return pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), read_options=read_opts, parse_options=parse_opts)
+        return pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), read_options=fmt.read, parse_options=fmt.parse)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
 
 
-def _parse_lines(data, starts, ends, blank, a, b, lines_before, schema, parse_opts, read_opts, tables, malformed) -> None:
-    """Parse lines ``[a, b)`` of a block, bisecting around lines Arrow rejects."""
-    rows = np.flatnonzero(~blank[a:b]) + a
+def _parse_lines(block: _Block, a: int, b: int) -> None:
+    """Parse lines ``[a, b)`` of ``block`` into it, bisecting around lines Arrow rejects."""
+    rows = np.flatnonzero(~block.blank[a:b]) + a
     if not len(rows):
         return
-    lo, hi = int(starts[a]), int(ends[b - 1])
-    table = _try_parse(data, lo, hi, parse_opts, read_opts)
+    lo, hi = int(block.starts[a]), int(block.ends[b - 1])
+    table = _try_parse(block.data, lo, hi, block.fmt)
     if table is not None and table.num_rows == len(rows):
-        tables.append(table.append_column("row", pa.array(rows.astype(np.int64) + lines_before + 1)))
+        block.tables.append(table.append_column("row", pa.array(rows.astype(np.int64) + 1)))
         return
     if len(rows) <= _JSON_SLOW_LINES:
-        table, bad = _parse_lines_slowly(data[lo:hi], lines_before + a, schema)
-        tables.append(table)
-        malformed += bad
+        table, bad = _parse_lines_slowly(block.data[lo:hi], a, block.fmt.schema)
+        block.tables.append(table)
+        block.malformed.extend(bad)
         return
     mid = (a + b) // 2
-    _parse_lines(data, starts, ends, blank, a, mid, lines_before, schema, parse_opts, read_opts, tables, malformed)
-    _parse_lines(data, starts, ends, blank, mid, b, lines_before, schema, parse_opts, read_opts, tables, malformed)
+    _parse_lines(block, a, mid)
+    _parse_lines(block, mid, b)
 
 
 def _parse_lines_slowly(data: bytes, lines_before: int, schema: pa.Schema) -> tuple[pa.Table, list[dict]]:
@@ -445,25 +493,34 @@ def probe_audio(path: str) -> AudioInfo:
     return AudioInfo(info.samplerate, info.channels, info.frames)
 
 
-def probe_many(paths: Sequence[str], workers: int, progress: bool = True) -> list[AudioInfo]:
-    """Probe headers in a thread pool, results in input order, with a progress bar."""
+def probe_many(paths: Sequence[str], workers: int, progress: bool = True, bar=None) -> list[AudioInfo]:
+    """Probe headers in a thread pool, results in input order, with a progress bar (or advancing
+    ``bar``, a tqdm bar the caller keeps across calls)."""
     from tqdm import tqdm
 
     if not paths:
         return []
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         it = pool.map(probe_audio, paths, chunksize=64)
-        return list(tqdm(it, total=len(paths), desc="probing audio headers", unit="file", disable=not progress, mininterval=2.0, file=sys.stderr))
+        if bar is None:
+            it = tqdm(it, total=len(paths), desc="probing audio headers", unit="file", disable=not progress, mininterval=2.0, file=sys.stderr)
+            return list(it)
+        out = []
+        for info in it:
+            out.append(info)
+            bar.update()
+        return out
 
 
 # --------------------------------------------------------------------------------------------
-# Cleaning
+# Keys: utt_ids, audio paths, and which rows name the same utterance or the same file
+
 
 def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
     """XXH64 (seed 0, the ``xxhash`` package) of the UTF-8 bytes of ``salt + key``, as ``uint64``.
 
     The same on every machine, process and Python version (unlike ``hash()``), and about 5x
-    cheaper per key than ``hashlib.blake2b`` (3M keys in about half a second).
+    cheaper per key than ``hashlib.blake2b``.
 
     Args:
         keys: strings (a Python iterable or an Arrow string array); no nulls.
@@ -499,43 +556,102 @@ def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str 
     return (stable_hash64(keys, salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def _first_occurrences(keys: pa.Array | pa.ChunkedArray, hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each of ``rows`` (ascending indices into ``keys``), True when its key equals the key of
-    no earlier row in ``rows``. ``hashes``: :func:`stable_hash64` of ``keys``. Exact: a row whose
-    hash was seen before is compared with that earlier row's string, so a 64-bit hash collision
-    never makes two different keys duplicates."""
-    import pandas as pd
-
-    n = len(rows)
-    if n == 0:
-        return np.zeros(0, dtype=bool)
-    codes, _ = pd.factorize(hashes[rows])  # codes numbered in order of first appearance (documented)
-    top = np.maximum.accumulate(codes)
-    first = np.empty(n, dtype=bool)
-    first[0] = True
-    first[1:] = top[1:] > top[:-1]
-    later = np.flatnonzero(~first)
-    if len(later):
-        earlier = np.flatnonzero(first)[codes[later]]
-        same = pc.equal(keys.take(pa.array(rows[later])), keys.take(pa.array(rows[earlier]))).to_numpy(zero_copy_only=False)
-        if not same.all():  # a true 64-bit collision: settle those hash groups string by string
-            groups = np.unique(codes[later[~same]])
-            where = np.flatnonzero(np.isin(codes, groups))
-            seen: set[str] = set()
-            for i, k in zip(where.tolist(), keys.take(pa.array(rows[where])).to_pylist()):
-                first[i] = k not in seen
-                seen.add(k)
-    return first
-
-
 def _absolute_paths(audio: pa.ChunkedArray, base_dir: str) -> pa.ChunkedArray:
-    """Relative audio paths resolved against the manifest's folder (absolute ones kept)."""
+    """Relative audio paths joined to the manifest's folder (absolute ones kept as written)."""
     is_abs = pc.starts_with(audio, "/")
     n_abs = pc.sum(is_abs).as_py() or 0
     if n_abs == len(audio):
         return audio
     joined = pc.binary_join_element_wise(base_dir, audio, "/")
     return joined if n_abs == 0 else pc.if_else(is_abs, audio, joined)
+
+
+def resolve_paths(paths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Each absolute path as ``os.path.realpath`` gives it: symbolic links followed, ``.``,
+    ``..`` and repeated slashes collapsed; a path that names no file is resolved as far as it goes.
+
+    Works per distinct folder: each is resolved once (its parents with it, see
+    :func:`_resolve_folder`) and listed once for symlinked files, so 3M files in 20k folders
+    cost some 20k ``lstat`` and ``readdir`` calls, not 3M ``realpath`` calls. Returns ``paths``
+    itself when no path changes.
+
+    Args:
+        paths: absolute paths, no nulls.
+    """
+    flat = _flat(paths)
+    if not len(flat):
+        return paths
+    parts = pc.split_pattern(flat, "/", max_splits=1, reverse=True)
+    folders = pc.dictionary_encode(pc.list_element(parts, 0))
+    codes = folders.indices.to_numpy(zero_copy_only=False)
+    cache: dict[str, str] = {}
+    written = [f or "/" for f in folders.dictionary.to_pylist()]
+    real = [_resolve_folder(f, cache) for f in written]
+    links = {r: _symlinked_names(r) for r in set(real)}
+    one_by_one = np.array([bool(links[r]) for r in real], dtype=bool)[codes]  # a symlinked file may be among them
+    for tail in ("/", "/.", "/.."):  # names that are no file name
+        one_by_one |= pc.ends_with(flat, tail).to_numpy(zero_copy_only=False)
+    if real == written and not one_by_one.any():
+        return paths
+    names = pc.list_element(parts, 1)
+    real_dirs = pa.array([r.rstrip("/") for r in real], type=pa.string()).take(pa.array(codes))  # "" + "/" + name for the root
+    out = pc.binary_join_element_wise(real_dirs, names, "/")
+    if one_by_one.any():
+        rows = np.flatnonzero(one_by_one)
+        fixed = []
+        for i, name, path in zip(rows.tolist(), names.take(pa.array(rows)).to_pylist(), flat.take(pa.array(rows)).to_pylist()):
+            folder = real[codes[i]]
+            whole = name in ("", ".", "..") or name in links[folder]
+            fixed.append(os.path.realpath(path) if whole else folder.rstrip("/") + "/" + name)
+        out = pc.replace_with_mask(out, pa.array(one_by_one), pa.array(fixed, type=pa.string()))
+    return pa.chunked_array([out]) if isinstance(paths, pa.ChunkedArray) else out
+
+
+def _resolve_folder(path: str, cache: dict[str, str]) -> str:
+    """``os.path.realpath`` of an absolute folder, each prefix resolved once: a corpus has few
+    folders and they share their parents, so most folders cost a single ``lstat``."""
+    if path in cache:
+        return cache[path]
+    head, _, name = path.rpartition("/")
+    parent = _resolve_folder(head, cache) if head else "/"
+    if name in ("", "."):
+        real = parent
+    elif name == "..":
+        real = os.path.dirname(parent)  # the parent is already resolved, so its parent is the real one
+    else:
+        candidate = parent.rstrip("/") + "/" + name
+        real = os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+    cache[path] = real
+    return real
+
+
+def _symlinked_names(folder: str) -> frozenset[str]:
+    """Names of the symbolic links in ``folder``: one ``readdir``, whose entry types say which are
+    links (none when the folder cannot be read)."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(e.name for e in entries if e.is_symlink())
+    except OSError:
+        return frozenset()
+
+
+def _groups(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A number per row, equal exactly where the keys are equal (Arrow's hash table compares the
+    strings themselves, so no hash collision can merge two keys)."""
+    enc = pc.dictionary_encode(_flat(keys))
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _flat(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(arr, pa.Array):
+        return arr
+    return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+
+
+def _blank(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Null, empty or only whitespace."""
+    empty = pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
+    return pc.fill_null(empty, True).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _workers() -> int:
@@ -545,54 +661,71 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _text_columns(raw_text: pa.ChunkedArray, cfg: TextConfig, pool: cf.Executor | None = None) -> tuple[np.ndarray, pa.ChunkedArray, np.ndarray]:
-    """Mojibake flags, normalised text (null where the transcript is null) and its length
-    without spaces, computed on slices in ``pool``: Arrow's string kernels release the GIL, but
-    each call runs on one core."""
-    n = len(raw_text)
-    n_slices = 1 if n < 50_000 or pool is None else 4 * _workers()
-    bounds = np.linspace(0, n, n_slices + 1).astype(np.int64).tolist()
+# --------------------------------------------------------------------------------------------
+# Cleaning: read -> normalise -> check -> write, span after span of rows
 
-    def work(a: int, b: int) -> tuple[pa.Array, pa.Array, pa.Array]:
-        piece = raw_text.slice(a, b - a)
-        text = normalize_array(piece, cfg)  # a null transcript stays null (0 characters)
-        n_chars = pc.fill_null(pc.subtract(pc.utf8_length(text), pc.count_substring(text, " ")), 0)
-        return pc.fill_null(has_bad_encoding(piece), False), text, n_chars
+# Rows per span: the unit that is normalised in the pool, checked, and written as a row group.
+_SPAN_ROWS = 1 << 18
 
-    parts = [work(0, n)] if n_slices == 1 else list(pool.map(work, bounds[:-1], bounds[1:]))
+CLEAN_SCHEMA = pa.schema(
+    [
+        ("utt_id", pa.string()),
+        ("audio_path", pa.string()),
+        ("text", pa.string()),
+        ("raw_text", pa.string()),
+        ("speaker", pa.string()),
+        ("language", pa.string()),
+        ("emotion", pa.string()),
+        ("duration", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int16()),
+        ("split", pa.string()),
+    ]
+)
+# Columns with few distinct values: dictionary encoding shrinks them; on the unique strings of
+# the other columns Arrow would build a dictionary, find it too large and drop it.
+_CLEAN_DICTIONARY = ("speaker", "language", "emotion", "split")
+# Min/max statistics for the columns a reader might filter on; not for the transcripts.
+_CLEAN_STATISTICS = ("utt_id", "audio_path", "speaker", "language", "emotion", "duration", "sample_rate", "channels", "split")
 
-    def flat(i: int) -> pa.ChunkedArray:
-        chunks = [c for p in parts for c in (p[i].chunks if isinstance(p[i], pa.ChunkedArray) else [p[i]])]
-        return pa.chunked_array(chunks, type=chunks[0].type) if chunks else pa.chunked_array([], type=pa.string())
 
-    bad = flat(0).to_numpy(zero_copy_only=False).astype(bool) if n else np.zeros(0, bool)
-    n_chars = flat(2).to_numpy(zero_copy_only=False).astype(np.float64) if n else np.zeros(0)
-    return bad, flat(1), n_chars
+@dataclass(frozen=True)
+class _Rows:
+    """Step 1's result: every parsed row of every manifest."""
+
+    table: pa.Table  # manifest (dictionary-encoded path), row (1-based), the canonical fields
+    audio_path: pa.ChunkedArray  # the absolute audio path of each row, as written
+    malformed: list[dict]  # {manifest, row, reason, detail} for lines that could not be parsed
+    manifests: list[dict]  # {path, rows, malformed} per manifest, for summary.json
 
 
-class _Rejects:
-    """The first reason each row is rejected for (checks run in :data:`REASONS` order), as a
-    small-int code per row; details are strings built only for the rows that are rejected."""
+@dataclass(frozen=True)
+class _Keys:
+    """What the duplicate check compares, for every row."""
 
-    def __init__(self, n: int):
-        self.code = np.full(n, -1, dtype=np.int8)
-        self.details: list[tuple[np.ndarray, object]] = []  # (rows, str | callable(rows) -> list[str])
+    utt_id: pa.ChunkedArray  # the given id, or the audio path without its extension
+    id_group: np.ndarray | None  # equal numbers for equal utt_ids (None: clean.drop_duplicates off)
+    file_group: np.ndarray | None  # equal numbers for paths that resolve to the same file
+    resolved: pa.Array | pa.ChunkedArray | None  # the resolved audio paths
 
-    def alive(self) -> np.ndarray:
-        return self.code < 0
 
-    def add(self, mask: np.ndarray, reason: str, detail) -> None:
-        rows = np.flatnonzero(mask & (self.code < 0))
-        if len(rows):
-            self.code[rows] = REASONS.index(reason)
-            self.details.append((rows, detail))
+@dataclass(frozen=True)
+class _Texts:
+    """Step 2's result for one span."""
 
-    def detail_strings(self, rows: np.ndarray) -> list[str]:
-        """Details for ``rows``: every rejected row, ascending."""
-        out = np.empty(len(rows), dtype=object)
-        for r, d in self.details:
-            out[np.searchsorted(rows, r)] = d(r) if callable(d) else d
-        return [str(d) for d in out]
+    text: pa.Array  # normalised transcripts; null where the transcript is null
+    n_chars: np.ndarray  # characters other than spaces (float64, 0 for null)
+    bad_encoding: np.ndarray  # U+FFFD or mojibake in the raw transcript
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """Step 3's result for one span: which rows are kept, and the durations the checks used."""
+
+    keep: np.ndarray
+    duration: np.ndarray  # seconds: probed, or from the manifest
+    sample_rate: np.ndarray  # 0 where not probed
+    channels: np.ndarray
 
 
 def clean_manifest(
@@ -604,6 +737,11 @@ def clean_manifest(
     progress: bool = True,
 ) -> CleanOutputs:
     """Clean and concatenate manifests.
+
+    Four steps: read every manifest (:func:`_read`); normalise the transcripts, span by span in a
+    thread pool ahead of the checks (:func:`_normalise`); check each span in row order
+    (:class:`_Check`); write its kept rows to clean.parquet as a row group while later spans are
+    still being normalised (:class:`_CleanFile`), then rejects.parquet and summary.json.
 
     Args:
         data_cfg, text_cfg, clean_cfg: the ``data``, ``text`` and ``clean`` sections.
@@ -617,171 +755,305 @@ def clean_manifest(
     Raises:
         ManifestError: a manifest is missing or lacks a required column, or no row survives.
     """
-    out_dir = Path(out_dir)
     specs = [_spec(m) for m in (manifests if manifests is not None else data_cfg.manifests)]
     if not specs:
         raise ManifestError("data.manifests is empty: list at least one manifest file")
+    out_dir = Path(out_dir)
+    out = CleanOutputs(out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
 
-    parts, paths_parts, bad_rows, per_manifest = [], [], [], []
-    for spec in specs:
-        table, malformed = read_manifest(spec, data_cfg.columns, text_cfg.language)
-        parts.append(table)
-        audio = pc.fill_null(table.column("audio"), "")
-        paths_parts += _absolute_paths(audio, str(Path(spec.path).resolve().parent)).chunks
-        for b in malformed:
-            bad_rows.append({"manifest": str(spec.path), "row": b["row"], "reason": "malformed", "detail": b["detail"]})
-        per_manifest.append({"path": str(spec.path), "rows": table.num_rows + len(malformed), "malformed": len(malformed)})
-    rows = pa.concat_tables(parts)
-    audio_path = pa.chunked_array(paths_parts, type=pa.string())
-    n = rows.num_rows
-    rej = _Rejects(n)
-    id_hash = None
-
-    def blank(col: pa.ChunkedArray) -> np.ndarray:
-        """Null, empty or only whitespace."""
-        empty = pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
-        return pc.fill_null(empty, True).to_numpy(zero_copy_only=False)
-
-    for c in REQUIRED:
-        mask = blank(rows.column(c)) if c != "text" else pc.is_null(rows.column("text")).to_numpy(zero_copy_only=False)
-        rej.add(mask, "missing_field", f"no {c} (column {getattr(data_cfg.columns, c)!r})")
-
-    # utt_id: the given id, or the audio path without its extension where none is given.
-    ids_given = rows.column("id")
-    no_id = blank(ids_given)
-    if no_id.any():
-        audio = pc.fill_null(rows.column("audio"), "")
-        derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
-        utt_id = pa.chunked_array([pc.replace_with_mask(pc.fill_null(ids_given, "").combine_chunks(), pa.array(no_id), derived.combine_chunks())])
-    else:
-        utt_id = ids_given
-
-    raw_text = rows.column("text")
+    rows = _read(specs, data_cfg.columns, text_cfg.language)
+    spans = [(a, min(a + _SPAN_ROWS, rows.table.num_rows)) for a in range(0, rows.table.num_rows, _SPAN_ROWS)]
+    raw_text = rows.table.column("text")
     with cf.ThreadPoolExecutor(max_workers=_workers()) as pool:
-        # The duplicate hashes do not depend on the text: let them run beside the normalisation.
-        hash_jobs = [pool.submit(stable_hash64, utt_id), pool.submit(stable_hash64, audio_path)] if clean_cfg.drop_duplicates else []
-        bad_encoding, text, n_chars = _text_columns(raw_text, text_cfg, pool)
-        id_hash, path_hash = (j.result() for j in hash_jobs) if hash_jobs else (None, None)
-    rej.add(bad_encoding, "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
-    rej.add(n_chars == 0, "empty_text", "transcript is empty after normalisation")  # no non-space character left
+        keys = pool.submit(_keys, rows, clean_cfg)  # beside the first spans' normalisation
+        texts = _in_order(pool, [lambda a=a, b=b: _normalise(_flat(raw_text.slice(a, b - a)), text_cfg) for a, b in spans])
+        check = _Check(rows, keys.result(), data_cfg.columns, clean_cfg, progress)
+        with parquet_writer(out.clean, CLEAN_SCHEMA, dictionary=_CLEAN_DICTIONARY, statistics=_CLEAN_STATISTICS) as writer:
+            clean = _CleanFile(writer, clean_cfg)
+            for (a, b), span_texts in zip(spans, texts):
+                verdict = check.span(a, b, span_texts)
+                clean.add(_kept_rows(rows, check.keys, a, b, span_texts, verdict))
+            clean.finish()
+    rejects = check.rejects()
+    write_parquet(rejects, out.rejects)
+    summary = _summary(clean.summary_columns(), rejects, rows.table.num_rows + len(rows.malformed), rows.manifests, clean_cfg)
+    write_json(out.summary, summary)
+    if summary["kept"] == 0:
+        top = ", ".join(f"{k}: {v}" for k, v in summary["rejected_by_reason"].items() if v)
+        raise ManifestError(f"no row survived cleaning ({top}); see {out.rejects}")
+    return out
 
-    if clean_cfg.drop_duplicates:
-        idx = np.flatnonzero(rej.alive())
-        dup_id = ~_first_occurrences(utt_id, id_hash, idx)
-        dup_path = ~_first_occurrences(audio_path, path_hash, idx)
-        mask = np.zeros(n, dtype=bool)
-        mask[idx[dup_id | dup_path]] = True
-        by_id = np.zeros(n, dtype=bool)
-        by_id[idx[dup_id]] = True
-        rej.add(mask, "duplicate", lambda r: np.where(by_id[r], "utt_id already seen in an earlier row", "audio file already listed in an earlier row"))
 
-    duration = rows.column("duration").to_numpy(zero_copy_only=False).astype(np.float64)
-    sample_rate = np.zeros(n, dtype=np.int64)
-    channels = np.zeros(n, dtype=np.int64)
-    alive = rej.alive()
-    need_probe = alive & (~np.isfinite(duration) if clean_cfg.trust_durations else True)
-    idx = np.flatnonzero(need_probe)
-    paths = audio_path.take(pa.array(idx)).to_pylist() if len(idx) else []
-    infos = probe_many(paths, clean_cfg.probe_workers, progress=progress)
-    probe_fail: dict[str, tuple[list[int], list[str]]] = {}
-    for i, info in zip(idx.tolist(), infos):
-        if info.reason:
-            probe_fail.setdefault(info.reason, ([], []))
-            probe_fail[info.reason][0].append(i)
-            probe_fail[info.reason][1].append(info.detail)
-        else:
-            sample_rate[i], channels[i] = info.sample_rate, info.channels
-            duration[i] = info.frames / info.sample_rate
-    for reason in REASONS:  # probe failures are exclusive, so their order does not matter
-        if reason in probe_fail:
-            where, why = probe_fail[reason]
+def _read(specs: Sequence[ManifestSpec], columns: Columns, default_language: str) -> _Rows:
+    """Step 1: read every manifest (:func:`read_manifest`) and concatenate them."""
+    tables, paths, malformed, manifests = [], [], [], []
+    for spec in specs:
+        table, bad = read_manifest(spec, columns, default_language)
+        tables.append(table)
+        paths += _absolute_paths(pc.fill_null(table.column("audio"), ""), str(Path(spec.path).resolve().parent)).chunks
+        malformed += [{"manifest": str(spec.path), "row": b["row"], "reason": "malformed", "detail": b["detail"]} for b in bad]
+        manifests.append({"path": str(spec.path), "rows": table.num_rows + len(bad), "malformed": len(bad)})
+    return _Rows(pa.concat_tables(tables), pa.chunked_array(paths, type=pa.string()), malformed, manifests)
+
+
+def _keys(rows: _Rows, cfg: CleanConfig) -> _Keys:
+    """utt_ids for every row, and the groups the duplicate check compares."""
+    ids_given = rows.table.column("id")
+    no_id = _blank(ids_given)
+    utt_id = ids_given
+    if no_id.any():  # derive the id from the audio path without its extension
+        audio = pc.fill_null(rows.table.column("audio"), "")
+        derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
+        utt_id = pa.chunked_array([pc.replace_with_mask(pc.fill_null(_flat(ids_given), ""), pa.array(no_id), _flat(derived))])
+    if not cfg.drop_duplicates:
+        return _Keys(utt_id, None, None, None)
+    resolved = resolve_paths(rows.audio_path)
+    return _Keys(utt_id, _groups(utt_id), _groups(resolved), resolved)
+
+
+def _normalise(raw: pa.Array, cfg: TextConfig) -> _Texts:
+    """Step 2, for one span: :func:`normalize_array`, lengths and the mojibake check. Runs in a
+    thread pool: polars' and Arrow's kernels release the GIL."""
+    text = normalize_array(raw, cfg)
+    n_chars = count_chars(text).to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = pc.fill_null(has_bad_encoding(raw), False).to_numpy(zero_copy_only=False).astype(bool)
+    return _Texts(text, n_chars, bad)
+
+
+def _in_order(pool: cf.Executor, jobs: Sequence, ahead: int | None = None) -> Iterator:
+    """Results of ``jobs`` (callables) in order. ``ahead`` of them are submitted to ``pool`` at
+    once, and one more each time a result is taken, so the pool works ahead of the consumer
+    without holding every result in memory."""
+    ahead = ahead or 2 * _workers() + 1
+    queue = iter(jobs)
+    pending = collections.deque(pool.submit(job) for job in itertools.islice(queue, ahead))
+
+    def results() -> Iterator:
+        while pending:
+            fut = pending.popleft()
+            job = next(queue, None)
+            if job is not None:
+                pending.append(pool.submit(job))
+            yield fut.result()
+
+    return results()
+
+
+class _Check:
+    """Step 3: the checks of :data:`REASONS`, span after span in row order.
+
+    Each row gets the first reason it fails, as a small-int code in one array for the whole
+    corpus; details are strings built only for rejected rows. A row is a duplicate when an
+    earlier row that reached the duplicate check had the same utt_id or the same audio file
+    (paths compared resolved, see :func:`resolve_paths`); the detail names that earlier row.
+    """
+
+    def __init__(self, rows: _Rows, keys: _Keys, columns: Columns, cfg: CleanConfig, progress: bool):
+        self.rows, self.keys, self.columns, self.cfg = rows, keys, columns, cfg
+        self.code = np.full(rows.table.num_rows, -1, dtype=np.int8)
+        self.details: list[tuple[np.ndarray, list[str]]] = []  # (rows, detail per row)
+        # For each utt_id / file group: the first row that reached the duplicate check with it.
+        self.owner = {}
+        if keys.id_group is not None:
+            self.owner = {
+                "utt_id": np.full(int(keys.id_group.max(initial=-1)) + 1, -1, dtype=np.int64),
+                "file": np.full(int(keys.file_group.max(initial=-1)) + 1, -1, dtype=np.int64),
+            }
+        self.progress, self.bar = progress, None  # one bar over every span's probing, made when needed
+
+    def span(self, a: int, b: int, texts: _Texts) -> _Verdict:
+        table = self.rows.table.slice(a, b - a)
+        code = self.code[a:b]  # a view: the span's codes land in the corpus-wide array
+
+        def reject(mask: np.ndarray, reason: str, detail) -> None:
+            """``detail``: a string, or a function of the rejected rows (span-local) -> strings."""
+            rows = np.flatnonzero(mask & (code < 0))
+            if len(rows):
+                code[rows] = REASONS.index(reason)
+                self.details.append((rows + a, [detail] * len(rows) if isinstance(detail, str) else list(detail(rows))))
+
+        for c in REQUIRED:
+            col = table.column(c)
+            mask = pc.is_null(col).to_numpy(zero_copy_only=False) if c == "text" else _blank(col)
+            reject(mask, "missing_field", f"no {c} (column {getattr(self.columns, c)!r})")
+        reject(texts.bad_encoding, "bad_encoding", "transcript holds U+FFFD or mojibake; re-export the manifest as UTF-8")
+        reject(texts.n_chars == 0, "empty_text", "transcript is empty after normalisation")  # no non-space character left
+        if self.owner:
+            self._duplicates(a, code, reject)
+        duration, sample_rate, channels = self._durations(a, table, code, reject)
+
+        lo, hi = self.cfg.min_duration, self.cfg.max_duration
+        lo_cps, hi_cps = self.cfg.min_chars_per_second, self.cfg.max_chars_per_second
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reject(duration < lo, "too_short", lambda r: [f"{round(float(d), 3)} s < clean.min_duration {lo}" for d in duration[r]])
+            reject(duration > hi, "too_long", lambda r: [f"{round(float(d), 3)} s > clean.max_duration {hi}" for d in duration[r]])
+            cps = texts.n_chars / np.where(duration > 0, duration, np.nan)
+            reject((cps < lo_cps) | (cps > hi_cps), "chars_per_second", lambda r: [f"{round(float(c), 2)} chars/s outside [{lo_cps}, {hi_cps}]" for c in cps[r]])
+        return _Verdict(code < 0, duration, sample_rate, channels)
+
+    def _duplicates(self, a: int, code: np.ndarray, reject) -> None:
+        alive = np.flatnonzero(code < 0)
+        rows = a + alive
+        dup, earlier = {}, {}
+        for name, groups in (("utt_id", self.keys.id_group), ("file", self.keys.file_group)):
+            g = groups[rows]
+            owner = self.owner[name]
+            uniq, first = np.unique(g, return_index=True)  # each group's first row in this span
+            seen = owner[g]
+            earlier[name] = np.where(seen >= 0, seen, rows[first][np.searchsorted(uniq, g)])
+            dup[name] = earlier[name] != rows
+            new = owner[uniq] < 0
+            owner[uniq[new]] = rows[first[new]]
+        mask = np.zeros(len(code), dtype=bool)
+        mask[alive[dup["utt_id"] | dup["file"]]] = True
+
+        def detail(local: np.ndarray) -> list[str]:
+            pos = np.searchsorted(alive, local)
+            out = []
+            for p in pos.tolist():
+                if dup["utt_id"][p]:
+                    out.append(f"utt_id already seen in an earlier row ({self._where(int(earlier['utt_id'][p]))})")
+                else:
+                    first, this = int(earlier["file"][p]), int(rows[p])
+                    written = self.rows.audio_path[first].as_py(), self.rows.audio_path[this].as_py()
+                    same = "" if written[0] == written[1] else f"; both are {self.keys.resolved[this].as_py()}"
+                    out.append(f"audio file already listed in an earlier row ({self._where(first)}{same})")
+            return out
+
+        reject(mask, "duplicate", detail)
+
+    def _where(self, i: int) -> str:
+        return f"row {self.rows.table.column('row')[i].as_py()} of {self.rows.table.column('manifest')[i].as_py()}"
+
+    def _durations(self, a: int, table: pa.Table, code: np.ndarray, reject) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Durations from the manifest (``clean.trust_durations``) or from probing the audio
+        headers of the rows still alive; probe failures are rejected here."""
+        duration = table.column("duration").to_numpy(zero_copy_only=False).astype(np.float64)
+        n = len(duration)
+        sample_rate = np.zeros(n, dtype=np.int64)
+        channels = np.zeros(n, dtype=np.int64)
+        need = (code < 0) & (~np.isfinite(duration) if self.cfg.trust_durations else True)
+        idx = np.flatnonzero(need)
+        paths = _flat(self.rows.audio_path.slice(a, n)).take(pa.array(idx)).to_pylist() if len(idx) else []
+        if paths and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="probing audio headers", unit="file", disable=not self.progress, mininterval=2.0, file=sys.stderr)
+        failed: dict[str, dict[int, str]] = {}
+        for i, info in zip(idx.tolist(), probe_many(paths, self.cfg.probe_workers, bar=self.bar)):
+            if info.reason:
+                failed.setdefault(info.reason, {})[i] = info.detail
+            else:
+                sample_rate[i], channels[i] = info.sample_rate, info.channels
+                duration[i] = info.frames / info.sample_rate
+        for reason, why in failed.items():  # probe failures are exclusive: their order does not matter
             mask = np.zeros(n, dtype=bool)
-            mask[where] = True
-            rej.add(mask, reason, lambda r, d=dict(zip(where, why)): [d[i] for i in r.tolist()])
+            mask[list(why)] = True
+            reject(mask, reason, lambda r, why=why: [why[i] for i in r.tolist()])
+        return duration, sample_rate, channels
 
-    lo, hi = clean_cfg.min_duration, clean_cfg.max_duration
-    lo_cps, hi_cps = clean_cfg.min_chars_per_second, clean_cfg.max_chars_per_second
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rej.add(duration < lo, "too_short", lambda r: [f"{round(float(d), 3)} s < clean.min_duration {lo}" for d in duration[r]])
-        rej.add(duration > hi, "too_long", lambda r: [f"{round(float(d), 3)} s > clean.max_duration {hi}" for d in duration[r]])
-        cps = n_chars / np.where(duration > 0, duration, np.nan)
-        rej.add((cps < lo_cps) | (cps > hi_cps), "chars_per_second", lambda r: [f"{round(float(c), 2)} chars/s outside [{lo_cps}, {hi_cps}]" for c in cps[r]])
-
-    keep = rej.alive()
-    # Boolean filters work chunk by chunk; ``take`` on a chunked column concatenates it first.
-    keep_mask, rej_mask = pa.array(keep), pa.array(~keep)
-    kept_ids = utt_id.filter(keep_mask)
-    if id_hash is not None and not clean_cfg.split_salt:  # the duplicate check's hashes are the split's
-        frac = (id_hash[keep] >> np.uint64(11)).astype(np.float64) / 2.0**53
-    else:
-        frac = stable_fraction(kept_ids, clean_cfg.split_salt)
-    is_val = frac < clean_cfg.val_fraction
-    if clean_cfg.val_fraction > 0 and len(frac) >= 2 and not is_val.any():
-        is_val[np.argmin(frac)] = True  # a tiny corpus still gets one val utterance to report on
-    probed = sample_rate[keep] > 0
-    clean = pa.table(
-        {
-            "utt_id": kept_ids,
-            "audio_path": audio_path.filter(keep_mask),
-            "text": text.filter(keep_mask),
-            "raw_text": rows.column("text").filter(keep_mask),
-            "speaker": rows.column("speaker").filter(keep_mask),
-            "language": rows.column("language").filter(keep_mask),
-            "emotion": rows.column("emotion").filter(keep_mask),
-            "duration": pa.array(duration[keep], type=pa.float64()),
-            "sample_rate": pa.array(np.where(probed, sample_rate[keep], 0), type=pa.int32(), mask=~probed),
-            "channels": pa.array(np.where(probed, channels[keep], 0), type=pa.int16(), mask=~probed),
-            "split": pa.DictionaryArray.from_arrays(pa.array(is_val.astype(np.int8)), pa.array(["train", "val"])).cast(pa.string()),
-        }
-    )
-
-    rej_rows = np.flatnonzero(~keep)
-    rejects = pa.table(
-        {
-            "manifest": rows.column("manifest").filter(rej_mask).cast(pa.string()),
-            "row": rows.column("row").filter(rej_mask),
-            "utt_id": utt_id.filter(rej_mask),
-            "audio": rows.column("audio").filter(rej_mask),
-            "text": rows.column("text").filter(rej_mask),
-            "speaker": rows.column("speaker").filter(rej_mask),
-            "language": rows.column("language").filter(rej_mask),
-            "emotion": rows.column("emotion").filter(rej_mask),
-            "duration": rows.column("duration").filter(rej_mask),
-            "reason": pa.array([REASONS[c] for c in rej.code[rej_rows].tolist()], type=pa.string()),
-            "detail": pa.array(rej.detail_strings(rej_rows), type=pa.string()),
-        }
-    )
-    if bad_rows:
-        malformed = pa.table(
+    def rejects(self) -> pa.Table:
+        """rejects.parquet: every rejected row (its raw fields, reason and detail), with the
+        malformed lines, in manifest and row order."""
+        if self.bar is not None:
+            self.bar.close()
+        t, is_rej = self.rows.table, self.code >= 0
+        mask = pa.array(is_rej)
+        rows = np.concatenate([r for r, _ in self.details]) if self.details else np.zeros(0, dtype=np.int64)
+        details = np.array([d for _, ds in self.details for d in ds], dtype=object)[np.argsort(rows, kind="stable")]
+        rejects = pa.table(
             {
-                "manifest": pa.array([b["manifest"] for b in bad_rows], pa.string()),
-                "row": pa.array([b["row"] for b in bad_rows], pa.int64()),
-                "reason": pa.array([b["reason"] for b in bad_rows], pa.string()),
-                "detail": pa.array([b["detail"] for b in bad_rows], pa.string()),
+                "manifest": t.column("manifest").filter(mask).cast(pa.string()),
+                "row": t.column("row").filter(mask),
+                "utt_id": self.keys.utt_id.filter(mask),
+                **{c: t.column(c).filter(mask) for c in ("audio", "text", "speaker", "language", "emotion", "duration")},
+                "reason": pa.array([REASONS[c] for c in self.code[is_rej].tolist()], type=pa.string()),
+                "detail": pa.array(details.tolist(), type=pa.string()),
             }
         )
-        rejects = pa.concat_tables([malformed, rejects], promote_options="default").select(rejects.column_names)
-        rejects = rejects.sort_by([("manifest", "ascending"), ("row", "ascending")])
-
-    n_input = n + len(bad_rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = CleanOutputs(out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
-    # The summary's counts and the two Parquet encodings are independent: run them side by side.
-    with cf.ThreadPoolExecutor(max_workers=3) as pool:
-        jobs = [pool.submit(_write_parquet, clean, paths.clean), pool.submit(_write_parquet, rejects, paths.rejects)]
-        summary = _summary(clean, rejects, n_input, per_manifest, clean_cfg)
-        for j in jobs:
-            j.result()
-    write_json(paths.summary, summary)
-    if clean.num_rows == 0:
-        top = ", ".join(f"{k}: {v}" for k, v in summary["rejected_by_reason"].items() if v)
-        raise ManifestError(f"no row survived cleaning ({top}); see {paths.rejects}")
-    return paths
+        if self.rows.malformed:
+            bad = self.rows.malformed
+            malformed = pa.table(
+                {
+                    "manifest": pa.array([b["manifest"] for b in bad], pa.string()),
+                    "row": pa.array([b["row"] for b in bad], pa.int64()),
+                    "reason": pa.array([b["reason"] for b in bad], pa.string()),
+                    "detail": pa.array([b["detail"] for b in bad], pa.string()),
+                }
+            )
+            rejects = pa.concat_tables([malformed, rejects], promote_options="default").select(rejects.column_names)
+            rejects = rejects.sort_by([("manifest", "ascending"), ("row", "ascending")])
+        return rejects
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+def _kept_rows(rows: _Rows, keys: _Keys, a: int, b: int, texts: _Texts, verdict: _Verdict) -> pa.Table:
+    """The span's kept rows in clean.parquet's columns (all but ``split``)."""
+    keep, mask = verdict.keep, pa.array(verdict.keep)
+    span = rows.table.slice(a, b - a)
+    probed = verdict.sample_rate[keep] > 0
+    columns = {
+        "utt_id": keys.utt_id.slice(a, b - a).filter(mask),
+        "audio_path": rows.audio_path.slice(a, b - a).filter(mask),
+        "text": texts.text.filter(mask),
+        "raw_text": span.column("text").filter(mask),
+        "speaker": span.column("speaker").filter(mask),
+        "language": span.column("language").filter(mask),
+        "emotion": span.column("emotion").filter(mask),
+        "duration": pa.array(verdict.duration[keep], type=pa.float64()),
+        "sample_rate": pa.array(np.where(probed, verdict.sample_rate[keep], 0), type=pa.int32(), mask=~probed),
+        "channels": pa.array(np.where(probed, verdict.channels[keep], 0), type=pa.int16(), mask=~probed),
+    }
+    return pa.table(columns)
+
+
+class _CleanFile:
+    """Step 4: clean.parquet, one row group per span, written while later spans are still being
+    normalised (zstd compression is single-threaded; this way it runs beside the other work).
+
+    The split is decided here: val when :func:`stable_fraction` of the utt_id is below
+    ``clean.val_fraction``. A corpus whose kept rows all land in train still gets one val
+    utterance (the one with the smallest fraction), so spans are held back until a val row has
+    been seen and that can no longer happen.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, cfg: CleanConfig):
+        self.writer, self.cfg = writer, cfg
+        self.held: list[tuple[pa.Table, np.ndarray]] = []  # (kept rows, split fractions)
+        self.any_val = cfg.val_fraction <= 0  # nothing to guarantee then
+        self.summary_parts: list[pa.Table] = []
+
+    def add(self, table: pa.Table) -> None:
+        frac = stable_fraction(table.column("utt_id"), self.cfg.split_salt)
+        self.held.append((table, frac))
+        self.any_val = self.any_val or bool((frac < self.cfg.val_fraction).any())
+        if self.any_val:
+            self._flush()
+
+    def finish(self) -> None:
+        fracs = [f for _, f in self.held]
+        if sum(len(f) for f in fracs) >= 2 and not self.any_val:
+            flat = np.concatenate(fracs)
+            flat[np.argmin(flat)] = -1.0  # below any val_fraction: a tiny corpus still gets one val utterance
+            self.held = [(t, f) for (t, _), f in zip(self.held, np.split(flat, np.cumsum([len(f) for f in fracs])[:-1]))]
+        self._flush()
+
+    def _flush(self) -> None:
+        for table, frac in self.held:
+            is_val = frac < self.cfg.val_fraction
+            split = pa.DictionaryArray.from_arrays(pa.array(is_val.astype(np.int8)), pa.array(["train", "val"])).cast(pa.string())
+            table = table.append_column("split", split).cast(CLEAN_SCHEMA)
+            self.writer.write_table(table)
+            self.summary_parts.append(table.select(list(_SUMMARY_COLUMNS)))
+        self.held = []
+
+    def summary_columns(self) -> pa.Table:
+        """The columns of everything written that summary.json counts."""
+        if self.summary_parts:
+            return pa.concat_tables(self.summary_parts)
+        return pa.table({c: pa.array([], type=CLEAN_SCHEMA.field(c).type) for c in _SUMMARY_COLUMNS})
+
+
+_SUMMARY_COLUMNS = ("duration", "split", "speaker", "language", "emotion", "sample_rate")
 
 
 def _summary(clean: pa.Table, rejects: pa.Table, n_input: int, per_manifest: list[dict], cfg: CleanConfig) -> dict:

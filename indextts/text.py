@@ -1,12 +1,18 @@
-"""Text normalisation per language, vectorised with Arrow compute kernels.
+"""Text normalisation per language, vectorised over whole arrays of transcripts.
 
 The official IndexTTS frontend routes any non-Latin text through a Chinese normaliser, which
 mangles Ge'ez, Hangul and kana. This module never does: it applies Unicode normalisation, strips
 invisible and control characters, unifies quotes/dashes/whitespace, and applies a per-language
 punctuation map (Ethiopic punctuation for Amharic) plus the user's own map from config.
 
-Everything runs on whole Arrow arrays (``normalize_array``) so millions of transcripts take
-seconds; ``normalize_text`` is the same code on one string, so the two can never disagree.
+Everything runs on whole arrays (``normalize_array``) so millions of transcripts take seconds;
+``normalize_text`` is the same code on one string, so the two can never disagree. Two engines
+share the work: rows of *plain* characters (nearly every row of a Ge'ez, Hangul or kana corpus,
+see :func:`_plain_class`) take the language rules in polars (Rust's ``regex``, which finds the
+rare punctuation with ``memchr`` instead of stepping a DFA over every letter); the other rows
+take every step with Arrow's RE2 kernels. The rules are written so that both engines read them
+the same way (no ``\\s``/``\\d``/``\\w``/``\\b``, whose meaning differs), and a test checks that
+both routes give the same strings.
 Numbers are left as written: verbalising them is language-specific and belongs to the corpus.
 """
 
@@ -16,8 +22,9 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,6 +36,8 @@ _INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"
 _CONTROL = "[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]"
 # Whitespace variants that become a plain space.
 _SPACES = "[\t\n\r\u00a0\u2000-\u200a\u202f\u205f\u3000]"
+# RE2's ``\s``, spelled out: Rust's regex reads ``\s`` as Unicode whitespace.
+_WS = "[\\t\\n\\f\\r ]"
 
 # Applied to every language: typographic variants that only fragment the vocabulary.
 _COMMON_MAP: tuple[tuple[str, str], ...] = (
@@ -38,20 +47,32 @@ _COMMON_MAP: tuple[tuple[str, str], ...] = (
     ("\u2026", "..."),
 )
 
-# Per-language rules as (regex, replacement), applied in order after the common map.
-_LANGUAGE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+
+class Rule(NamedTuple):
+    """One language rule: a regex replacement applied to every transcript."""
+
+    pattern: str  # RE2 syntax that Rust's regex reads the same way (no \s, \d, \w, \b)
+    replacement: str  # \1 for a group
+    needs: tuple[str, ...] = ()  # strings at least one of which every match contains ("": unknown)
+
+
+# Per-language rules, applied in order after the common map. ``needs`` lets the rows that cannot
+# match skip a rule: a rule that few rows can match then costs a cheap literal search instead of
+# a regex pass over every row.
+_ETHIOPIC_PUNCT = tuple(chr(c) for c in range(0x1362, 0x1369))
+_LANGUAGE_RULES: dict[str, tuple[Rule, ...]] = {
     # Amharic / Ge'ez: the Ethiopic word space (፡) is a word separator, so it becomes a space;
     # two of them, or "::", are an informal full stop. Latin punctuation typed next to Ge'ez
     # letters is mapped to its Ethiopic form so one sentence mark gets one token.
     "am": (
-        ("\u1361\\s*\u1361", "\u1362"),  # ፡፡ -> ።
-        ("::", "\u1362"),  # :: -> ።
-        ("\u1361", " "),  # ፡ -> space
-        ("([\u1200-\u137f])\\s*\\.([^0-9]|$)", "\\1\u1362\\2"),  # ሰላም. -> ሰላም። (not 3.5)
-        ("([\u1200-\u137f])\\s*,", "\\1\u1363"),  # , -> ፣
-        ("([\u1200-\u137f])\\s*;", "\\1\u1364"),  # ; -> ፤
-        ("([\u1200-\u137f])\\s*\\?", "\\1\u1367"),  # ? -> ፧
-        ("\\s+([\u1362-\u1368])", "\\1"),  # no space before Ethiopic punctuation
+        Rule(f"\u1361{_WS}*\u1361", "\u1362", ("\u1361",)),  # ፡፡ -> ።
+        Rule("::", "\u1362", ("::",)),  # :: -> ።
+        Rule("\u1361", " ", ("\u1361",)),  # ፡ -> space
+        Rule(f"([\u1200-\u137f]){_WS}*\\.([^0-9]|$)", "\\1\u1362\\2", (".",)),  # ሰላም. -> ሰላም። (not 3.5)
+        Rule(f"([\u1200-\u137f]){_WS}*,", "\\1\u1363", (",",)),  # , -> ፣
+        Rule(f"([\u1200-\u137f]){_WS}*;", "\\1\u1364", (";",)),  # ; -> ፤
+        Rule(f"([\u1200-\u137f]){_WS}*\\?", "\\1\u1367", ("?",)),  # ? -> ፧
+        Rule(f"{_WS}+([\u1362-\u1368])", "\\1", _ETHIOPIC_PUNCT),  # no space before Ethiopic punctuation
     ),
     # Korean: NFC composes decomposed jamo (macOS file names, some corpora) into syllables;
     # nothing else is needed. Japanese: NFKC (set in config) folds half-width kana; the ideographic
@@ -59,6 +80,11 @@ _LANGUAGE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "ko": (),
     "ja": (),
 }
+# Runs of spaces collapse to one, after every other rule.
+_SPACE_RUNS = Rule(" {2,}", " ", ("  ",))
+
+# Mojibake: U+FFFD (a decoding error upstream) or UTF-8 read as Latin-1 ("Ã©", "â€").
+_BAD_ENCODING = "\ufffd|Ã[\u0080-\u00bf]|â€"
 
 
 @dataclass(frozen=True)
@@ -74,7 +100,7 @@ class TextConfig:
     punctuation_map: dict[str, str] = field(default_factory=dict)  # extra literal replacements, applied last
 
 
-def language_rules(language: str) -> tuple[tuple[str, str], ...]:
+def language_rules(language: str) -> tuple[Rule, ...]:
     """The built-in regex rules for ``language`` (an empty tuple for languages without any)."""
     return _LANGUAGE_RULES.get(language.split("-")[0].lower(), ())
 
@@ -82,31 +108,36 @@ def language_rules(language: str) -> tuple[tuple[str, str], ...]:
 def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Array | pa.ChunkedArray:
     """Normalise an Arrow string array; nulls stay null.
 
-    Each Arrow string kernel costs a pass over every row, so rows made only of printable ASCII
-    and characters that the Unicode steps (normal form, invisible, whitespace, control, common
-    map) cannot change -- nearly every row of a Ge'ez, Hangul or kana corpus -- skip those steps
-    and are lowercased with the ASCII kernel. The other rows take every step. Both routes give
-    exactly what the full sequence of steps gives (see :func:`_plain_class`).
+    Each string kernel costs a pass over every row, so rows made only of printable ASCII and
+    characters that the Unicode steps (normal form, invisible, whitespace, control, common map)
+    cannot change -- nearly every row of a Ge'ez, Hangul or kana corpus -- skip those steps, take
+    the language rules in polars and are lowercased with the ASCII kernel. The other rows take
+    every step in Arrow. Both routes give exactly what the full sequence of steps gives (see
+    :func:`_plain_class` and :func:`_plain_steps`).
 
     Args:
         texts: transcripts as an Arrow ``string``/``large_string`` array.
         cfg: the text section.
 
     Returns:
-        An array of the same length with normalised text (possibly empty strings).
+        An array of the same length and type with normalised text (possibly empty strings).
     """
     chunked = isinstance(texts, pa.ChunkedArray)
     arr = (texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)) if chunked else texts
-    other = pc.fill_null(pc.match_substring_regex(arr, pattern=_plain_class(cfg.unicode_form)), False)
-    n_other = pc.sum(other).as_py() or 0
-    if n_other == 0:
-        out = _language_steps(arr, cfg, ascii_case=True)
-    elif n_other == len(arr):
+    if len(arr) == 0:
+        return texts
+    series = pl.from_arrow(arr)
+    other = series.str.contains(_plain_class(cfg.unicode_form)).fill_null(False)
+    n_other = int(other.sum())
+    if n_other == len(arr):
         out = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
     else:
-        out = _language_steps(arr, cfg, ascii_case=True)
-        full = _language_steps(_unicode_steps(arr.filter(other), cfg), cfg, ascii_case=False)
-        out = pc.replace_with_mask(out, other, full.cast(out.type))
+        out = _plain_steps(series, cfg)
+        if n_other:
+            mask = other.to_arrow()
+            full = _language_steps(_unicode_steps(arr.filter(mask), cfg), cfg, ascii_case=False)
+            out = pc.replace_with_mask(out, mask, full.cast(out.type))
+    out = out.cast(arr.type)
     return pa.chunked_array([out], type=out.type) if chunked else out
 
 
@@ -120,22 +151,79 @@ def _unicode_steps(out: pa.Array, cfg: TextConfig) -> pa.Array:
     return out
 
 
+def _user_map(cfg: TextConfig) -> tuple[tuple[str, str], ...]:
+    # An empty key would match between every two characters (Arrow's kernel never returns).
+    return tuple((src, dst) for src, dst in pairs(cfg.punctuation_map) if src)
+
+
+def _is_literal(rule: Rule) -> bool:
+    return re.escape(rule.pattern) == rule.pattern and "\\" not in rule.replacement
+
+
 def _language_steps(out: pa.Array, cfg: TextConfig, ascii_case: bool) -> pa.Array:
-    for pattern, repl in language_rules(cfg.language):
-        if re.escape(pattern) == pattern and "\\" not in repl:  # a plain string: the literal kernel is ~5x faster
-            out = pc.replace_substring(out, pattern=pattern, replacement=repl)
+    """The language rules, the user's map, lowercasing, space runs and trimming, in Arrow."""
+    for rule in language_rules(cfg.language):
+        if _is_literal(rule):  # a plain string: the literal kernel is ~5x faster
+            out = pc.replace_substring(out, pattern=rule.pattern, replacement=rule.replacement)
         else:
-            out = pc.replace_substring_regex(out, pattern=pattern, replacement=repl)
-    for src, dst in pairs(cfg.punctuation_map):
+            out = pc.replace_substring_regex(out, pattern=rule.pattern, replacement=rule.replacement)
+    for src, dst in _user_map(cfg):
         out = pc.replace_substring(out, pattern=src, replacement=dst)
     if cfg.lowercase:
-        # ASCII lowercasing is exact for rows of plain characters unless a rule or the user's map
-        # wrote a cased non-ASCII letter into them.
-        written = "".join(r for _, r in language_rules(cfg.language)) + "".join(v for _, v in pairs(cfg.punctuation_map))
-        ascii_case = ascii_case and not any(ord(c) > 127 and _cased(c) for c in written)
-        out = pc.ascii_lower(out) if ascii_case else pc.utf8_lower(out)
-    out = pc.replace_substring_regex(out, pattern=" {2,}", replacement=" ")
+        out = pc.ascii_lower(out) if ascii_case and _ascii_case_exact(cfg) else pc.utf8_lower(out)
+    out = pc.replace_substring_regex(out, pattern=_SPACE_RUNS.pattern, replacement=_SPACE_RUNS.replacement)
     return pc.utf8_trim_whitespace(out)
+
+
+def _plain_steps(series: pl.Series, cfg: TextConfig) -> pa.Array:
+    """:func:`_language_steps` for rows of plain characters: the rules, the user's map and the
+    space runs in polars, then lowercasing and trimming in Arrow.
+
+    A rule runs only on the rows holding one of the strings it ``needs`` when those are under
+    half of the rows. Collapsing runs of spaces before lowercasing instead of after gives the
+    same string: lowercasing never turns a character into a space or a space into anything else.
+    """
+    steps = [(rule, _is_literal(rule)) for rule in language_rules(cfg.language)]
+    steps += [(Rule(src, dst, (src,)), True) for src, dst in _user_map(cfg)]  # the user's map is literal
+    steps.append((_SPACE_RUNS, False))
+    for rule, literal in steps:
+        repl = rule.replacement if literal else _rust_replacement(rule.replacement)
+        if rule.needs and all(rule.needs):
+            has = series.str.contains_any(list(rule.needs)) if len(rule.needs) > 1 else series.str.contains(rule.needs[0], literal=True)
+            k = int(has.sum())
+            if k == 0:
+                continue
+            if 2 * k < len(series):
+                rows = has.arg_true()
+                series = series.scatter(rows, series.gather(rows).str.replace_all(rule.pattern, repl, literal=literal))
+                continue
+        series = series.str.replace_all(rule.pattern, repl, literal=literal)
+    out = series.to_arrow().cast(pa.string())
+    if cfg.lowercase:
+        out = pc.ascii_lower(out) if _ascii_case_exact(cfg) else pc.utf8_lower(out)
+    return pc.utf8_trim_whitespace(out)
+
+
+def _ascii_case_exact(cfg: TextConfig) -> bool:
+    """ASCII lowercasing is exact for rows of plain characters unless a rule or the user's map
+    wrote a cased non-ASCII letter into them."""
+    written = "".join(r.replacement for r in language_rules(cfg.language)) + "".join(v for _, v in _user_map(cfg))
+    return not any(ord(c) > 127 and _cased(c) for c in written)
+
+
+def _rust_replacement(repl: str) -> str:
+    """An RE2 rewrite string (``\\1`` for a group, ``\\\\`` for a backslash) in the syntax of
+    Rust's regex (``${1}``, with ``$`` written ``$$``)."""
+    out, i = [], 0
+    while i < len(repl):
+        c = repl[i]
+        if c == "\\" and i + 1 < len(repl) and (repl[i + 1].isdigit() or repl[i + 1] == "\\"):
+            out.append("${" + repl[i + 1] + "}" if repl[i + 1].isdigit() else "\\")
+            i += 2
+            continue
+        out.append("$$" if c == "$" else c)
+        i += 1
+    return "".join(out)
 
 
 def _cased(c: str) -> bool:
@@ -144,14 +232,16 @@ def _cased(c: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _plain_class(form: str) -> str:
-    """An RE2 class matching any character that is not *plain* for ``form``.
+    """A regex class (RE2 and Rust syntax alike) matching any character that is not *plain* for
+    ``form``.
 
-    Plain: printable ASCII, and BMP characters that are assigned, uncased, of combining class 0,
-    their own normal form, part of no canonical pair composition (nor Hangul jamo), and untouched
-    by the invisible, whitespace, control and common-map steps. A string of plain characters is
-    its own normal form (nothing decomposes, reorders or composes) and those steps leave it
-    alone, so skipping them is exact. Unassigned code points are left out because Arrow's
-    Unicode tables may be newer than Python's.
+    Plain: printable ASCII, and BMP characters that are assigned, uncased (outside ASCII), of
+    combining class 0, their own normal form, not the second character of a canonical pair
+    composition (nor a Hangul jamo), and untouched by the invisible, whitespace, control and
+    common-map steps. A string of plain characters is its own normal form: nothing decomposes
+    or reorders, and a composition needs its second character, which is never plain. Those steps
+    leave it alone too, so skipping them is exact. Unassigned code points are left out because
+    Arrow's Unicode tables may be newer than Python's.
     """
     classes = [re.compile(c) for c in (_INVISIBLE, _SPACES, _CONTROL)]
     mapped = {ord(a) for a, _ in _COMMON_MAP}
@@ -159,7 +249,7 @@ def _plain_class(form: str) -> str:
     for cp in range(0x80, 0x10000):
         d = unicodedata.decomposition(chr(cp))
         if d and not d.startswith("<") and len(d.split()) == 2:
-            composing.update(int(x, 16) for x in d.split())
+            composing.add(int(d.split()[1], 16))
     plain = []
     for cp in range(0x20, 0x10000):
         c = chr(cp)
@@ -186,5 +276,19 @@ def normalize_text(text: str, cfg: TextConfig) -> str:
 
 def has_bad_encoding(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """True where a transcript holds U+FFFD (a decoding error upstream) or typical UTF-8-read-as-
-    Latin-1 mojibake (``Ã``/``â€`` sequences); such rows are rejected rather than trained on."""
-    return pc.match_substring_regex(texts, pattern="\ufffd|Ã[\u0080-\u00bf]|â€")
+    Latin-1 mojibake (``Ã``/``â€`` sequences); such rows are rejected rather than trained on.
+    Null where the transcript is null."""
+    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if len(arr) == 0:
+        return pa.array([], type=pa.bool_())
+    return pl.from_arrow(arr).str.contains(_BAD_ENCODING).to_arrow()
+
+
+def count_chars(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Characters other than U+0020 in each transcript (0 for null): the length that
+    ``clean.*_chars_per_second`` bounds."""
+    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if len(arr) == 0:
+        return pa.array([], type=pa.int64())
+    s = pl.from_arrow(arr)
+    return (s.str.len_chars().cast(pl.Int64) - s.str.count_matches(" ", literal=True).cast(pl.Int64)).fill_null(0).to_arrow()

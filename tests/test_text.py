@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from indextts.text import TextConfig, has_bad_encoding, normalize_array, normalize_text
+from indextts.text import TextConfig, count_chars, has_bad_encoding, normalize_array, normalize_text
 
 AM = TextConfig(language="am")
 
@@ -64,9 +64,66 @@ def test_plain_row_shortcut_equals_every_step_on_mixed_text():
     alphabet = list("abcXYZ 019.,;?!:'\"-\t") + [chr(c) for c in range(0x1200, 0x1260, 3)] + list(
         "\u1361\u1362\u1363\u00a0\u200b\u201c\u201d\u2014\u00c9\u0301\u1100\u1161\u11ab한글ｶﾀカナ東\u0007\ufffd"
     )
+    # Canonical compositions (first and second characters), composition exclusions, singletons.
+    alphabet += ["e\u0301", "\u0928\u093c", "\u0929", "\u0b47\u0b3e", "\u0b4b", "\u0958", "\u00e0", "A\u030a", "\u212b"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
     texts += ["ሰላም ነው።", "plain ascii only", None]
     arr = pa.array(texts, type=pa.string())
-    for cfg in (AM, TextConfig(language="ko"), TextConfig(language="ja", unicode_form="NFKC"), TextConfig(language="am", lowercase=False, punctuation_map={"!": "።"})):
+    cfgs = (AM, TextConfig(language="ko"), TextConfig(language="ja", unicode_form="NFKC"), TextConfig(language="am", unicode_form="NFD"))
+    for cfg in cfgs + (TextConfig(language="am", lowercase=False, punctuation_map={"!": "።"}),):
         full = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
         assert normalize_array(arr, cfg).to_pylist() == full.to_pylist(), cfg
+
+
+def test_polars_route_equals_arrow_steps_on_plain_text():
+    # Rows of plain characters take the language rules in polars (Rust regex); the result must be
+    # what Arrow's RE2 kernels give for every step. Alphabet: the rules' triggers and their
+    # neighbours, so every rule fires, overlaps and chains (ሀ.ለ.ሐ., ፡ ፡፡, " , ").
+    import random
+
+    from indextts.text import _language_steps, _unicode_steps
+
+    rng = random.Random(1)
+    alphabet = list("ab AB 09 .,;?:!$\\()") + [chr(c) for c in range(0x1200, 0x1380, 7)] + list("\u1361\u1361\u1362\u1364\u1367\u1368 \u1680")
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(5000)]
+    texts += ["ሀ.ለ.ሐ.", "ሀ ፡ ፡፡ ለ", "ሀ , ለ ;ሐ ?", "3.5 ሀ.5 ሀ. 5", "  ሀ   ።  ", "", None]
+    # Rows where each trigger is rare, so that rules run on the rows that need them only.
+    words = ["ሰላም", "ነው", "ab", "3"]
+    rare = list(".,;?:") + ["::", "\u1361", "\u1362", " \u1367", "  "]
+    texts += [" ".join(rng.choice(words) for _ in range(6)) + (rng.choice(rare) if rng.random() < 0.2 else "") for _ in range(5000)]
+    arr = pa.array(texts, type=pa.string())
+    for cfg in (AM, TextConfig(language="am", lowercase=False, punctuation_map={"!": "\u1362", "$": "\\1$1"}), TextConfig(language="am", punctuation_map={"a": "\u00c9"})):
+        full = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
+        assert normalize_array(arr, cfg).to_pylist() == full.to_pylist(), cfg
+
+
+def test_rules_mean_the_same_in_re2_and_rust_regex():
+    # \s, \d, \w and \b are ASCII in RE2 and Unicode in Rust's regex: the rules spell them out.
+    from indextts.text import _LANGUAGE_RULES, _rust_replacement
+
+    for rules in _LANGUAGE_RULES.values():
+        for rule in rules:
+            assert not any(f"\\{c}" in rule.pattern for c in "sSdDwWbB"), rule.pattern
+    assert _rust_replacement("\\1x\\2$\\\\") == "${1}x${2}$$\\"
+
+
+def test_count_chars_skips_spaces_only():
+    assert count_chars(pa.array(["ሰላም ነው", "", None, "a  b\u3000"])).to_pylist() == [5, 0, 0, 3]
+
+
+def test_rules_need_what_they_say():
+    # A rule skips rows holding none of the strings it ``needs``: on such rows it must change nothing.
+    import random
+
+    import pyarrow.compute as pc
+
+    from indextts.text import _LANGUAGE_RULES, _SPACE_RUNS
+
+    rng = random.Random(2)
+    alphabet = list("a .,;?:\t") + ["\u1200", "\u1361", "\u1362", "\u1363", "\u1367", "3"]
+    arr = pa.array(["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(20000)])
+    for rule in [r for rules in _LANGUAGE_RULES.values() for r in rules] + [_SPACE_RUNS]:
+        out = pc.replace_substring_regex(arr, pattern=rule.pattern, replacement=rule.replacement)
+        changed = [a for a, b in zip(arr.to_pylist(), out.to_pylist()) if a != b]
+        assert changed, rule  # the alphabet exercises every rule
+        assert all(any(n in a for n in rule.needs) for a in changed), rule
