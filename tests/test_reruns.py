@@ -11,7 +11,7 @@ import copy
 import json
 import shlex
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -24,49 +24,69 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 if shutil.which("espeak-ng") is None:  # `make test` installs it; say so instead of skipping silently
     pytest.skip("espeak-ng is not installed (make install puts it there)", allow_module_level=True)
 
-TRAINING = {"train_stage1", "train_stage2", "train_stage3"}
-# Rules after training stage 3 (none yet: export and synthesis come later); every case that
-# reruns stage 3 reruns these too.
-AFTER_TRAINING: set[str] = set()
-EXTRACTION = {"extract_codes", "index_codes"}
-# Everything downstream of the codes and of bpe.model.
-GATE_AND_TRAINING = {"validate_pipeline"} | TRAINING | AFTER_TRAINING
+N_SHARDS = SMALL_DEMO["codes"]["n_shards"]
+SAMPLE_STAGES = SMALL_DEMO["samples"]["stages"]
+
+
+def after_training(*stages: int) -> dict[str, int]:
+    """The jobs that rerun when these training stages rerun: the stages, their report pieces,
+    the samples of those among them that speak (samples.stages) and the samples page, and after
+    stage 3 the export and its report page."""
+    jobs = {f"train_stage{k}": 1 for k in stages}
+    jobs["report_stage"] = len(stages)
+    if 2 in stages:
+        jobs["report_speaker"] = 1
+    speaking = [k for k in stages if k in SAMPLE_STAGES]
+    if speaking:
+        jobs |= {"synthesize_samples": len(speaking), "report_samples": 1}
+    if 3 in stages:
+        jobs |= {"export": 1, "report_export": 1}
+    return jobs
+
+
+ALL_STAGES = after_training(1, 2, 3)
+EXTRACTION = {"extract_codes": N_SHARDS, "index_codes": 1, "validate_pipeline": 1}
+# What reads bpe.model or vocab_report.json: the gate, training and the data report.
+VOCAB = {"train_vocab": 1, "validate_pipeline": 1, "report_data": 1} | ALL_STAGES
 
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the README's reruns table."""
+    """One row of the README's reruns table: a change and the exact job plan it must give."""
 
     id: str
-    reruns: set[str]
+    reruns: dict[str, int]
     config: Callable[[dict], None] | None = None  # edit of config.yaml
     module: str | None = None  # a library file to edit (a comment appended)
     args: tuple[str, ...] = ()  # extra snakemake arguments
     fresh: bool = False  # plan on a copy with no results yet
-    counts: dict[str, int] = field(default_factory=dict)  # jobs per rule where it matters
 
 
 def _runtime_knobs(c):
     c["codes"].update(num_workers=7, num_workers_cpu=1, batch_seconds_cpu=30.0, batch_seconds_cuda=50.0, max_batch_size=8)
     c["train"].update(num_workers=1, log_every=3, progress="bar")
+    c["synthesize"].update(batch_size=2)
 
 
 CASES = [
-    Case("stage3-lr", {"train_stage3"} | AFTER_TRAINING, config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
-    Case("stage1-steps", TRAINING | AFTER_TRAINING, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
-    Case("codec", EXTRACTION | GATE_AND_TRAINING, config=lambda c: c["codec"].update(n_quantizers=2),
-         counts={"extract_codes": SMALL_DEMO["codes"]["n_shards"]}),
-    Case("train-module", TRAINING | AFTER_TRAINING, module="train.py"),
-    Case("forcerun-stage2", {"train_stage2", "train_stage3"} | AFTER_TRAINING, args=("--forcerun", "train_stage2")),
-    Case("until-select-speakers", {"demo_corpus", "clean_manifest", "select_speakers"}, args=("--until", "select_speakers"),
-         fresh=True),
-    Case("runtime-knobs", set(), config=_runtime_knobs),
-    Case("text-normalisation", {"clean_manifest", "train_vocab", "select_speakers"} | EXTRACTION | GATE_AND_TRAINING,
+    Case("stage3-lr", after_training(3), config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
+    Case("stage1-steps", ALL_STAGES, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
+    Case("codec", EXTRACTION | ALL_STAGES, config=lambda c: c["codec"].update(n_quantizers=2)),
+    Case("train-module", ALL_STAGES, module="train.py"),
+    Case("forcerun-stage2", after_training(2, 3), args=("--forcerun", "train_stage2")),
+    Case("until-select-speakers", {"demo_corpus": 1, "clean_manifest": 1, "select_speakers": 1},
+         args=("--until", "select_speakers"), fresh=True),
+    Case("runtime-knobs", {}, config=_runtime_knobs),
+    Case("text-normalisation",
+         {"clean_manifest": 1, "select_speakers": 1, "sample_list": 1} | EXTRACTION | VOCAB | ALL_STAGES,
          config=lambda c: c["text"].update(punctuation_map={"!": "።"})),
-    Case("speakers-top-k", {"select_speakers", "train_stage2", "train_stage3"} | AFTER_TRAINING,
+    Case("speakers-top-k", {"select_speakers": 1, "report_data": 1} | after_training(2, 3),
          config=lambda c: c["speakers"].update(top_k=3)),
-    Case("vocab-size", {"train_vocab"} | GATE_AND_TRAINING, config=lambda c: c["vocab"].update(vocab_size=200)),
-    Case("vocab-module", {"train_vocab"} | GATE_AND_TRAINING, module="vocab.py", counts={"train_vocab": 1}),
+    Case("vocab-size", VOCAB, config=lambda c: c["vocab"].update(vocab_size=200)),
+    Case("vocab-module", VOCAB, module="vocab.py"),
+    Case("sampling", {"synthesize_samples": len(SAMPLE_STAGES), "report_samples": 1},
+         config=lambda c: c["synthesize"].update(temperature=0.5)),
+    Case("released-config", {"export": 1, "report_export": 1}, config=lambda c: c["pretrained"].update(config="config.yaml")),
 ]
 
 
@@ -110,9 +130,8 @@ def test_demo_is_complete_and_a_second_run_does_nothing(demo):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_a_change_reruns_exactly_what_it_touches(demo, case, tmp_path):
     jobs = _plan(demo, case, tmp_path)
-    assert set(jobs) == case.reruns, f"{case.id}: reran {sorted(jobs)}, expected {sorted(case.reruns)}"
-    for rule, n in case.counts.items():
-        assert jobs[rule] == n, f"{case.id}: {jobs[rule]} {rule} jobs, expected {n}"
+    assert jobs == case.reruns, (
+        f"{case.id}: reran {dict(sorted(jobs.items()))}, expected {dict(sorted(case.reruns.items()))}")
 
 
 def test_runtime_knobs_still_reach_the_commands_and_the_library(demo):

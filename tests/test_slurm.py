@@ -48,7 +48,7 @@ SITE_ARGS = [
 OVERRIDES = SMALL_DEMO
 TOTAL_STAGE1 = SMALL_DEMO["train"]["stage1"]["max_steps"]
 STATE_EVERY = SMALL_DEMO["train"]["state_every"]
-GPU_RULES = {"extract_codes", "validate_pipeline", "train_stage1", "train_stage2", "train_stage3"}
+GPU_RULES = {"extract_codes", "validate_pipeline", "train_stage1", "train_stage2", "train_stage3", "synthesize_samples"}
 LOCAL_RULES = {"all"}
 
 

@@ -56,8 +56,8 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
 
 
 # The demo at a smaller size, for tests that need the whole DAG but not the demo's numbers: 120
-# utterances, two code shards, a few training steps (states every 4), the UNK gate relaxed for the
-# small corpus, thread counts that fit 2 cores.
+# utterances, two code shards, a few training steps (states every 4), two short samples spoken by
+# the last stage only, the UNK gate relaxed for the small corpus, thread counts that fit 2 cores.
 SMALL_DEMO = {
     "demo": {"n_utterances": 120, "workers": 2},
     "clean": {"probe_workers": 2},
@@ -72,6 +72,8 @@ SMALL_DEMO = {
         "stage2": {"max_steps": 4, "warmup_steps": 1},
         "stage3": {"max_steps": 4, "warmup_steps": 1},
     },
+    "samples": {"n_same": 1, "n_cross": 1, "stages": [3]},
+    "synthesize": {"max_frames": 50},
 }
 
 
