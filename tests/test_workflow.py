@@ -188,3 +188,12 @@ def test_each_stage_speaks_from_its_folder_and_the_codec_alone(demo, tmp_path):
                                "--max-frames", "50"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert out.stat().st_size > 44
+
+
+def test_released_config_reruns_only_the_export_and_batch_size_nothing(demo):
+    """pretrained.config is read by the export alone; synthesize.batch_size cannot change a sample."""
+    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["pretrained"].update(config="config.yaml")))
+    assert jobs == {"export": 1, "report_export": 1}
+    assert planned_jobs(demo, *alt_config(demo, lambda c: c["synthesize"].update(batch_size=2))) == {}
+    jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["synthesize"].update(temperature=0.5)))
+    assert jobs == {"synthesize_samples": 3, "report_samples": 1}
