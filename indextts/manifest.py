@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -156,7 +157,7 @@ def _manifest_format(path: Path) -> str:
 # JSONL is parsed in blocks of about this many bytes, several blocks at once in a thread pool
 # (Arrow's parser releases the GIL). Small blocks keep the cost of a bad line low: only its
 # block is parsed again, in halves (see _parse_lines).
-_JSON_BLOCK_BYTES = 2 << 20
+_JSON_BLOCK_BYTES = 1 << 20
 # Spans with at most this many lines are parsed line by line once Arrow has rejected them.
 _JSON_SLOW_LINES = 64
 # A newline followed by a line of nothing but ASCII whitespace: a blank line, which is not a row
@@ -636,10 +637,38 @@ def _symlinked_names(folder: str) -> frozenset[str]:
 
 
 def _groups(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A number per row, equal exactly where the keys are equal (Arrow's hash table compares the
-    strings themselves, so no hash collision can merge two keys)."""
-    enc = pc.dictionary_encode(_flat(keys))
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    """A number per row, equal exactly where the keys are equal.
+
+    Rows are grouped by a 64-bit hash (:func:`_hash64`), and every row whose hash an earlier row
+    had is compared with that row's string; should two different keys ever share a hash, those
+    groups are split string by string. So a collision costs time, never a wrong duplicate.
+    """
+    import pandas as pd
+
+    flat = _flat(keys)
+    codes = pd.factorize(_hash64(flat))[0].astype(np.int64)  # numbered in order of first appearance
+    if not len(codes):
+        return codes
+    top = np.maximum.accumulate(codes)
+    is_first = np.concatenate(([True], top[1:] > top[:-1]))
+    first = np.flatnonzero(is_first)  # first[c]: the first row of group c
+    later = np.flatnonzero(~is_first)
+    if len(later):
+        same = pc.equal(flat.take(pa.array(later)), flat.take(pa.array(first[codes[later]]))).to_numpy(zero_copy_only=False)
+        if not same.all():
+            rows = np.flatnonzero(np.isin(codes, np.unique(codes[later[~same]])))
+            first_key: dict[int, str] = {}
+            split: dict[tuple[int, str], int] = {}
+            for i, c, k in zip(rows.tolist(), codes[rows].tolist(), flat.take(pa.array(rows)).to_pylist()):
+                if first_key.setdefault(c, k) != k:
+                    codes[i] = split.setdefault((c, k), len(codes) + len(split))
+    return codes
+
+
+def _hash64(keys: pa.Array) -> np.ndarray:
+    """A 64-bit hash per string (polars' hash: fast, but its values may change between polars
+    versions, so it only groups rows within one run; the split uses :func:`stable_hash64`)."""
+    return pl.from_arrow(keys).hash(seed=0).to_numpy()
 
 
 def _flat(arr: pa.ChunkedArray | pa.Array) -> pa.Array:

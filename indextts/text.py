@@ -53,26 +53,28 @@ class Rule(NamedTuple):
 
     pattern: str  # RE2 syntax that Rust's regex reads the same way (no \s, \d, \w, \b)
     replacement: str  # \1 for a group
-    needs: tuple[str, ...] = ()  # strings at least one of which every match contains ("": unknown)
+    # True when the rule gives the same strings on rows joined by U+0000 as on each row alone, so
+    # that it may run on blocks of rows (the fast path, see _plain_steps): no match can take
+    # U+0000 in or depend on where a row ends, except as noted at the rule.
+    blockwise: bool = False
 
 
-# Per-language rules, applied in order after the common map. ``needs`` lets the rows that cannot
-# match skip a rule: a rule that few rows can match then costs a cheap literal search instead of
-# a regex pass over every row.
-_ETHIOPIC_PUNCT = tuple(chr(c) for c in range(0x1362, 0x1369))
+# Per-language rules, applied in order after the common map.
 _LANGUAGE_RULES: dict[str, tuple[Rule, ...]] = {
     # Amharic / Ge'ez: the Ethiopic word space (፡) is a word separator, so it becomes a space;
     # two of them, or "::", are an informal full stop. Latin punctuation typed next to Ge'ez
     # letters is mapped to its Ethiopic form so one sentence mark gets one token.
     "am": (
-        Rule(f"\u1361{_WS}*\u1361", "\u1362", ("\u1361",)),  # ፡፡ -> ።
-        Rule("::", "\u1362", ("::",)),  # :: -> ።
-        Rule("\u1361", " ", ("\u1361",)),  # ፡ -> space
-        Rule(f"([\u1200-\u137f]){_WS}*\\.([^0-9]|$)", "\\1\u1362\\2", (".",)),  # ሰላም. -> ሰላም። (not 3.5)
-        Rule(f"([\u1200-\u137f]){_WS}*,", "\\1\u1363", (",",)),  # , -> ፣
-        Rule(f"([\u1200-\u137f]){_WS}*;", "\\1\u1364", (";",)),  # ; -> ፤
-        Rule(f"([\u1200-\u137f]){_WS}*\\?", "\\1\u1367", ("?",)),  # ? -> ፧
-        Rule(f"{_WS}+([\u1362-\u1368])", "\\1", _ETHIOPIC_PUNCT),  # no space before Ethiopic punctuation
+        Rule(f"\u1361{_WS}*\u1361", "\u1362", blockwise=True),  # ፡፡ -> ።
+        Rule("::", "\u1362", blockwise=True),  # :: -> ።
+        Rule("\u1361", " ", blockwise=True),  # ፡ -> space
+        # ሰላም. -> ሰላም። (not 3.5). Blockwise: where a row ends inside a block, [^0-9] takes the
+        # U+0000 after it and \2 writes it back, which is what $ at the row's end gives alone.
+        Rule(f"([\u1200-\u137f]){_WS}*\\.([^0-9]|$)", "\\1\u1362\\2", blockwise=True),
+        Rule(f"([\u1200-\u137f]){_WS}*,", "\\1\u1363", blockwise=True),  # , -> ፣
+        Rule(f"([\u1200-\u137f]){_WS}*;", "\\1\u1364", blockwise=True),  # ; -> ፤
+        Rule(f"([\u1200-\u137f]){_WS}*\\?", "\\1\u1367", blockwise=True),  # ? -> ፧
+        Rule(f"{_WS}+([\u1362-\u1368])", "\\1", blockwise=True),  # no space before Ethiopic punctuation
     ),
     # Korean: NFC composes decomposed jamo (macOS file names, some corpora) into syllables;
     # nothing else is needed. Japanese: NFKC (set in config) folds half-width kana; the ideographic
@@ -81,7 +83,10 @@ _LANGUAGE_RULES: dict[str, tuple[Rule, ...]] = {
     "ja": (),
 }
 # Runs of spaces collapse to one, after every other rule.
-_SPACE_RUNS = Rule(" {2,}", " ", ("  ",))
+_SPACE_RUNS = Rule(" {2,}", " ", blockwise=True)
+# Joins rows into blocks for the fast path: a control character, so no plain row holds one.
+_ROW_SEPARATOR = "\x00"
+_BLOCK_ROWS = 1024
 
 # Mojibake: U+FFFD (a decoding error upstream) or UTF-8 read as Latin-1 ("Ã©", "â€").
 _BAD_ENCODING = "\ufffd|Ã[\u0080-\u00bf]|â€"
@@ -126,17 +131,19 @@ def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Ar
     arr = (texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)) if chunked else texts
     if len(arr) == 0:
         return texts
-    series = pl.from_arrow(arr)
-    other = series.str.contains(_plain_class(cfg.unicode_form)).fill_null(False)
+    other = pl.from_arrow(arr).str.contains(_plain_class(cfg.unicode_form)).fill_null(False)
     n_other = int(other.sum())
     if n_other == len(arr):
         out = _language_steps(_unicode_steps(arr, cfg), cfg, ascii_case=False)
+    elif n_other == 0:
+        out = _plain_steps(arr, cfg)
     else:
-        out = _plain_steps(series, cfg)
-        if n_other:
-            mask = other.to_arrow()
-            full = _language_steps(_unicode_steps(arr.filter(mask), cfg), cfg, ascii_case=False)
-            out = pc.replace_with_mask(out, mask, full.cast(out.type))
+        mask = other.to_arrow()
+        # The other rows are blanked for the plain route (they may hold U+0000, which joins rows
+        # into blocks there) and take every step on their own.
+        out = _plain_steps(pc.if_else(mask, pa.scalar("", arr.type), arr), cfg)
+        full = _language_steps(_unicode_steps(arr.filter(mask), cfg), cfg, ascii_case=False)
+        out = pc.replace_with_mask(out, mask, full.cast(out.type))
     out = out.cast(arr.type)
     return pa.chunked_array([out], type=out.type) if chunked else out
 
@@ -175,33 +182,36 @@ def _language_steps(out: pa.Array, cfg: TextConfig, ascii_case: bool) -> pa.Arra
     return pc.utf8_trim_whitespace(out)
 
 
-def _plain_steps(series: pl.Series, cfg: TextConfig) -> pa.Array:
+def _plain_steps(arr: pa.Array, cfg: TextConfig) -> pa.Array:
     """:func:`_language_steps` for rows of plain characters: the rules, the user's map and the
     space runs in polars, then lowercasing and trimming in Arrow.
 
-    A rule runs only on the rows holding one of the strings it ``needs`` when those are under
-    half of the rows. Collapsing runs of spaces before lowercasing instead of after gives the
-    same string: lowercasing never turns a character into a space or a space into anything else.
+    When every rule is ``blockwise``, rows are joined by U+0000 into blocks of ``_BLOCK_ROWS``
+    and each rule runs once per block: Rust's regex then scans long strings, finding the rare
+    punctuation with ``memchr``, instead of starting over for every row. Collapsing runs of
+    spaces before lowercasing instead of after gives the same string: lowercasing never turns a
+    character into a space or a space into anything else.
     """
     steps = [(rule, _is_literal(rule)) for rule in language_rules(cfg.language)]
-    steps += [(Rule(src, dst, (src,)), True) for src, dst in _user_map(cfg)]  # the user's map is literal
+    steps += [(Rule(src, dst, _ROW_SEPARATOR not in src + dst), True) for src, dst in _user_map(cfg)]  # literal
     steps.append((_SPACE_RUNS, False))
+    blocks = all(rule.blockwise for rule, _ in steps)
+    flat = pc.fill_null(arr, "")
+    if blocks:
+        cuts = pa.array(list(range(0, len(flat), _BLOCK_ROWS)) + [len(flat)], type=pa.int32())
+        flat = pc.binary_join(pa.ListArray.from_arrays(cuts, flat.cast(pa.string())), _ROW_SEPARATOR)
+    series = pl.from_arrow(flat)
     for rule, literal in steps:
-        repl = rule.replacement if literal else _rust_replacement(rule.replacement)
-        if rule.needs and all(rule.needs):
-            has = series.str.contains_any(list(rule.needs)) if len(rule.needs) > 1 else series.str.contains(rule.needs[0], literal=True)
-            k = int(has.sum())
-            if k == 0:
-                continue
-            if 2 * k < len(series):
-                rows = has.arg_true()
-                series = series.scatter(rows, series.gather(rows).str.replace_all(rule.pattern, repl, literal=literal))
-                continue
-        series = series.str.replace_all(rule.pattern, repl, literal=literal)
+        series = series.str.replace_all(rule.pattern, rule.replacement if literal else _rust_replacement(rule.replacement), literal=literal)
     out = series.to_arrow().cast(pa.string())
+    if blocks:
+        out = pc.list_flatten(pc.split_pattern(out, _ROW_SEPARATOR))
+        if len(out) != len(arr):  # no rule writes or removes the separator
+            raise AssertionError(f"text: {len(arr)} rows came back from their blocks as {len(out)}")
     if cfg.lowercase:
         out = pc.ascii_lower(out) if _ascii_case_exact(cfg) else pc.utf8_lower(out)
-    return pc.utf8_trim_whitespace(out)
+    out = pc.utf8_trim_whitespace(out)
+    return pc.if_else(pc.is_null(arr), pa.scalar(None, pa.string()), out) if arr.null_count else out
 
 
 def _ascii_case_exact(cfg: TextConfig) -> bool:
