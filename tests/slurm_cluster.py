@@ -137,8 +137,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 GresTypes=gpu
-# Finished jobs stay visible to squeue for 10 min: the executor's status checks rely on it.
-MinJobAge=600
+# Finished jobs stay visible to squeue and scontrol for an hour: the executor's status checks
+# need at least 3x its first check interval, the test reads every job's record after the runs.
+MinJobAge=3600
 ReturnToService=2
 KillWait=5
 InactiveLimit=0

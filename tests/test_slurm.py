@@ -35,13 +35,13 @@ HOW_TO_RUN = (
     "`sudo apt-get install slurm-wlm munge && sudo .venv/bin/pytest -m slurm tests/test_slurm.py`"
 )
 # What an accounting-less site adds to the profile (README), plus test-only speed settings: a
-# short first status check and two jobs at a time on a 2-core machine.
+# short first status check and three jobs at a time on a 2-core machine.
 SITE_ARGS = [
     "--slurm-no-account",
     "--slurm-status-command", "squeue",
     "--slurm-init-seconds-before-status-checks", "2",
     "--slurm-keep-successful-logs",
-    "--jobs", "2",
+    "--jobs", "3",
 ]
 # Small enough for a few minutes (tests/workflow_util.SMALL_DEMO), written as the config file a
 # user would pass.
@@ -144,27 +144,35 @@ def slurm_demo(cluster, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
     t1 = time.monotonic()
+    log1_text = (wd / "run1.log").read_text()
+    records = _records(1, _run_id(log1_text))  # right away: slurmctld forgets jobs after MinJobAge
     run2 = subprocess.run(_snakemake_cmd(), cwd=wd, env=_env(), capture_output=True, text=True, timeout=1200)
     t2 = time.monotonic()
-    log1_text, log2_text = (wd / "run1.log").read_text(), run2.stdout + run2.stderr
+    log2_text = run2.stdout + run2.stderr
     assert run2.returncode == 0, f"the rerun failed:\n{log2_text[-6000:]}"
+    records += _records(2, _run_id(log2_text))
     return {
         "wd": wd, "expected": expected, "rc1": rc1, "cancelled": cancelled, "state_step": state_step,
-        "logs": (log1_text, log2_text), "run_ids": (_run_id(log1_text), _run_id(log2_text)),
-        "submitted": (_submitted(log1_text), _submitted(log2_text)), "seconds": (t1 - t0, t2 - t1),
+        "records": records, "submitted": (_submitted(log1_text), _submitted(log2_text)), "seconds": (t1 - t0, t2 - t1),
     }
+
+
+def _records(run: int, run_id: str) -> list[dict[str, str]]:
+    """Every SLURM job of one run (its jobs carry the run's id as their name), as scontrol sees
+    it, tagged with the run and the rule (the plugin puts rule_<name>[_wildcards_...] in the comment)."""
+    rows = []
+    for job_id, _name, comment, state in _squeue("--name", run_id, "-o", "%i|%j|%k|%T"):
+        rec = _job_record(job_id)
+        rule = re.sub(r"_wildcards_.*$", "", comment).removeprefix("rule_")
+        rows.append({"run": run, "rule": rule, "comment": comment, "id": job_id, "state": state, **rec})
+    return rows
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm_demo):
-    """Every SLURM job of both runs as scontrol sees it, tagged with run and rule."""
-    rows = []
-    for run, run_id in enumerate(slurm_demo["run_ids"], start=1):
-        for job_id, name, comment, state in _squeue("--name", run_id, "-o", "%i|%j|%k|%T"):
-            rec = _job_record(job_id)
-            rule = re.sub(r"_wildcards_.*$", "", comment).removeprefix("rule_")
-            rows.append({"run": run, "rule": rule, "comment": comment, "id": job_id, "state": state, **rec})
-    rows.sort(key=lambda r: int(r["id"]))
+    """Every SLURM job of both runs, in submission order, and their table (printed, and written
+    to slurm_jobs.txt in the test's workflow copy)."""
+    rows = sorted(slurm_demo["records"], key=lambda r: int(r["id"]))
     table = [f"{'run':>3} {'job':>5} {'rule (wildcards)':<38} {'state':<10} {'tasks':>5} {'cpus':>4} {'gpu':<12} {'mem':>7} {'limit':>8} {'ran':>8}"]
     for r in rows:
         table.append(f"{r['run']:>3} {r['id']:>5} {r['comment'].removeprefix('rule_'):<38} {r['state']:<10} {r.get('NumTasks', '?'):>5} "
