@@ -68,8 +68,15 @@ def cluster(tmp_path_factory):
         if not IN_CI:
             _unavailable(f"SLURM is not installed here (missing {', '.join(slurm_cluster.missing_tools())})")
         slurm_cluster.install()
-    with slurm_cluster.LocalSlurm(tmp_path_factory.mktemp("slurm-state"), log=lambda m: print(f"[slurm] {m}")) as c:
+    c = slurm_cluster.LocalSlurm(tmp_path_factory.mktemp("slurm-state"), log=lambda m: print(f"[slurm] {m}"))
+    try:
+        c.start()
+    except slurm_cluster.ClusterError as e:  # e.g. a real cluster's slurm.conf, or one running already
+        _unavailable(f"no throwaway SLURM here: {e}")
+    try:
         yield c
+    finally:
+        c.stop()
 
 
 def _squeue(*fmt_args: str) -> list[list[str]]:
