@@ -520,20 +520,18 @@ def features_table(utt_ids: Sequence[str], feats: Sequence[np.ndarray], starts: 
 
 def write_features(table: "pa.Table", path: str | Path) -> Path:
     """Write a features table atomically, in row groups of about 1 MiB, so :class:`PromptFeatureStore`
-    decodes little more than the one utterance it reads. Fixed settings: same table, same bytes."""
+    decodes little more than the one utterance it reads. The pipeline's one Parquet writer
+    (:func:`indextts.files.write_parquet`): same table, same bytes."""
     import json
 
-    import pyarrow.parquet as pq
-
-    from indextts.files import atomic_path
+    from indextts.files import write_parquet
 
     meta = table.schema.metadata or {}
     dim = int(json.loads(meta[FEATURES_META_KEY])["dim"])
     longest = int(max(table.column("n_frames").to_pylist(), default=1) or 1)
     rows = max(1, _GROUP_BYTES // (longest * dim * 2))
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=rows, use_dictionary=["utt_id"])
-    return Path(path)
+    # No dictionaries: utt_ids are unique and fp16 features never repeat.
+    return write_parquet(table, path, row_group_size=rows, dictionary=False)
 
 
 def features_path_for(shard: str | Path) -> Path:
