@@ -529,8 +529,6 @@ def test_semantic_extraction_of_the_demo_corpus_through_the_rules(tmp_path):
         pytest.skip("espeak-ng is not installed (make install puts it there)")
     (tmp_path / "wf").mkdir()
     wd = copy_workflow(tmp_path / "wf")
-    # The rules name envs/indextts.yaml (conda:); snakemake records it even without --sdm conda.
-    shutil.copytree(REPO / "envs", wd / "envs", dirs_exist_ok=True)
     codec = make_tiny_semantic(tmp_path / "models")
 
     def semantic(cfg, batch_seconds=0.0):
