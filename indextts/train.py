@@ -77,8 +77,9 @@ class LoraSettings:
     # Globs over module names; the GPT-2 trunk's linear layers by default.
     targets: tuple[str, ...] = ("gpt.h.*.attn.c_attn", "gpt.h.*.attn.c_proj", "gpt.h.*.mlp.c_fc", "gpt.h.*.mlp.c_proj")
     # Parameter globs that stay fully trainable beside the adapters (peft's modules_to_save):
-    # the text table (its new-language rows are new) and the heads.
-    fully_trainable: tuple[str, ...] = ("text_embedding.*", "text_head.*", "mel_head*")
+    # the text table (its new-language rows are new), the code tables and heads (new when the
+    # codec differs from the released one; extra_mel_* are those of codebooks 1..K-1).
+    fully_trainable: tuple[str, ...] = ("text_embedding.*", "text_head.*", "mel_embedding.*", "mel_head.*", "extra_mel_*")
 
 
 @dataclass(frozen=True)

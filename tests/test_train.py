@@ -173,15 +173,17 @@ def test_lora_trains_only_adapters_and_merge_equals_unmerged(corpus, one_torch_t
     from indextts.model import build_model, model_config
 
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", number_text_tokens=40, number_mel_codes=34))
+    model = build_model(model_config("tiny", number_text_tokens=40, number_mel_codes=34, n_codebooks=2))
     from indextts.config import parse_section
 
     tcfg = parse_section(TrainConfig, {"stage1": {"training_type": "lora", "lora": {"rank": 2, "alpha": 4.0, "dropout": 0.0}}}, "train")
     model = apply_lora(model, tcfg.stage1.lora)
     counts = set_stage_trainable(model, 1, tcfg.stage1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or n.split(".")[0] in ("text_embedding", "text_head", "mel_head") or
-                             n.startswith("mel_head") for n in trainable)
+    assert trainable and all("lora_" in n or n.split(".")[0] in
+                             ("text_embedding", "text_head", "mel_embedding", "mel_head", "extra_mel_embedding",
+                              "extra_mel_head") for n in trainable)
+    assert any(n.startswith("extra_mel_head.") for n in trainable)  # every codebook's head, K = 2 here
     assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
