@@ -1,7 +1,7 @@
 """Benchmark: cleaning a 3,000,000-row manifest (trusted durations) + speaker selection, and
 audio-header probing throughput.
 
-    .venv/bin/python bench/bench_clean.py [--rows N] [--repeats R] [--baseline REV] [--no-reference] [--no-write]
+    .venv/bin/python bench/bench_clean.py [--rows N] [--repeats R] [--baseline REV] [--no-reference] [--no-plain] [--no-write]
 
 1. Generates (seeded, cached under ``bench/out/``) a JSONL manifest of Amharic-like rows with
    realistic dirt at low rates: malformed lines, missing fields, mojibake, empty transcripts,
@@ -10,13 +10,20 @@ audio-header probing throughput.
 2. Times ``clean_manifest(trust_durations=True)`` + ``select_speakers`` end to end (median of
    ``--repeats`` runs after a warm-up, the manifest in the page cache) and breaks one run into
    stages.
-3. Times a straightforward reference written the obvious way (``json.loads`` per line, a Python
-   loop of the same checks, a ``Counter`` of speakers, pandas to Parquet) and asserts it keeps and
-   rejects exactly the same rows for the same reasons, with the same split and speakers.
+3. Times, in the same run, two scripts beside it:
+   - the *plain script*, the one a user writes first: ``json.loads`` per line, NFC + whitespace
+     collapse, the empty/duration/chars-per-second/duplicate checks, a ``Counter`` for the
+     top-500 speakers with at least 50 utterances, the kept rows written back as JSONL. It does
+     less than the library (no language rules, no rejects table, no Parquet), so its output is
+     not the library's; its counts are printed beside the library's.
+   - the *mirror*: the library's exact checks written the obvious way (``json.loads`` per line, a
+     Python loop, a ``Counter``, pandas to Parquet), asserted to keep and reject exactly the same
+     rows for the same reasons, with the same split and speakers.
    ``--baseline REV`` also times the library as it was at a git revision (before/after).
 4. Times ``probe_many`` over the demo corpus wavs with 1, 4 and 8 threads.
 5. Prints a Markdown section and writes it below the ``prepare benchmarks`` anchor of
-   BENCHMARKS.md (replacing what an earlier run of this script wrote there).
+   BENCHMARKS.md (replacing what an earlier run of this script wrote there). Each timed run
+   records the 1-minute load average before and after it: the machine is shared.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ OUT = ROOT / "bench" / "out"
 ANCHOR = "<!-- @@ prepare benchmarks @@ -->"
 BEGIN, END = "<!-- bench_clean.py: begin -->", "<!-- bench_clean.py: end -->"
 SEED = 20250611
+# The speakers every run selects: the issue's plain script keeps the top 500 with >= 50 utterances.
+SPEAKERS = SpeakersConfig(top_k=500, min_utterances=50)
 GEN_VERSION = 1  # bump when the generator changes, so a stale cached manifest is rebuilt
 
 # --------------------------------------------------------------------------------------------
@@ -197,19 +206,19 @@ def ensure_manifest(n_rows: int) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# The reference: the same checks written the obvious way, one row at a time.
+# The mirror: the library's exact checks written the obvious way, one row at a time.
 
 
 def reference_normalizer(cfg: TextConfig):
     """``indextts.text.normalize_array``'s rules applied to one str with ``re`` and str.replace.
-    RE2's ``\\s`` is ASCII whitespace, hence ``re.ASCII`` for the language rules."""
+    The rules spell RE2's ASCII whitespace class out, so ``re`` reads them as RE2 and Rust do."""
     from indextts.config import pairs
     from indextts.text import _COMMON_MAP, _CONTROL, _INVISIBLE, language_rules
 
     invisible = re.compile(_INVISIBLE)
     spaces = re.compile("[\t\n\r\u00a0\u2000-\u200a\u202f\u205f\u3000]")
     control = re.compile(_CONTROL)
-    rules = [(re.compile(p, re.ASCII), r) for p, r in language_rules(cfg.language)]
+    rules = [(re.compile(rule.pattern, re.ASCII), rule.replacement) for rule in language_rules(cfg.language)]
     user = list(pairs(cfg.punctuation_map))
     runs = re.compile(" {2,}")
     form = cfg.unicode_form
@@ -379,6 +388,53 @@ def reference_clean(manifest: Path, text_cfg: TextConfig, clean_cfg: CleanConfig
 
 
 # --------------------------------------------------------------------------------------------
+# The plain script: what a user writes first, before reaching for a library.
+
+
+def plain_clean(manifest: Path, clean_cfg: CleanConfig, out_dir: Path, top_k: int = 500, min_utterances: int = 50) -> dict:
+    """``json.loads`` per line, NFC + whitespace collapse, the empty / duration / chars-per-second
+    / duplicate checks, a ``Counter`` for the top-K speakers with at least M utterances, the kept
+    rows written back as JSONL. Returns its counts."""
+    lo, hi = clean_cfg.min_duration, clean_cfg.max_duration
+    lo_cps, hi_cps = clean_cfg.min_chars_per_second, clean_cfg.max_chars_per_second
+    seen_ids: set = set()
+    seen_audio: set = set()
+    speakers: Counter = Counter()
+    n_in = kept = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(manifest, encoding="utf-8") as f, open(out_dir / "clean.jsonl", "w", encoding="utf-8") as out:
+        for line in f:
+            if not line.strip():
+                continue
+            n_in += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            text = " ".join(unicodedata.normalize("NFC", row.get("text") or "").split())
+            if not text or not row.get("audio") or not str(row.get("speaker") or "").strip():
+                continue
+            duration = row.get("duration")
+            if duration is None or not lo <= duration <= hi:
+                continue
+            if not lo_cps <= len(text.replace(" ", "")) / duration <= hi_cps:
+                continue
+            if row.get("id") in seen_ids or row["audio"] in seen_audio:
+                continue
+            seen_ids.add(row.get("id"))
+            seen_audio.add(row["audio"])
+            row["text"] = text
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            speakers[row["speaker"]] += 1
+            kept += 1
+    chosen = [s for s, n in speakers.most_common(top_k) if n >= min_utterances]
+    (out_dir / "speakers.json").write_text(json.dumps({s: i for i, s in enumerate(chosen)}, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"input_rows": n_in, "kept": kept, "speakers_selected": len(chosen)}
+
+
+# --------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -401,10 +457,12 @@ def _union(spans: list[tuple[float, float]]) -> float:
 def stage_timer(buckets: dict[str, float]):
     """Wrap the library's stage functions with timers (the library itself carries no timing
     code). A bucket's time is the union of its calls' intervals, so work running in threads side
-    by side is not counted twice; the wall time no wrapped function covers is ``checks``."""
+    by side is not counted twice; stages overlap each other (spans are normalised in the pool
+    while earlier ones are checked and written). The wall time no wrapped function covers is
+    ``rest``."""
     this = sys.modules[__name__]
-    targets = [(M, "read_manifest", "read"), (M, "_text_columns", "normalise"), (M, "stable_hash64", "hashes"),
-               (M, "_first_occurrences", "hashes"), (M, "_write_parquet", "write"), (M, "_summary", "write"),
+    targets = [(M, "_read", "read"), (M, "_keys", "keys"), (M, "_normalise", "normalise"), (M._Check, "span", "check"),
+               (M._CleanFile, "_flush", "write"), (M, "write_parquet", "write"), (M, "_summary", "write"),
                (M, "write_json", "write"), (this, "select_speakers", "speakers")]
     intervals: dict[str, list[tuple[float, float]]] = {}
     saved = []
@@ -430,7 +488,7 @@ def stage_timer(buckets: dict[str, float]):
             setattr(mod, name, fn)
         for bucket, spans in intervals.items():
             buckets[bucket] = _union(spans)
-        buckets["checks"] = total - _union([s for spans in intervals.values() for s in spans])
+        buckets["rest"] = total - _union([s for spans in intervals.values() for s in spans])
 
 
 def timed_runs(fn, repeats: int) -> tuple[list[float], list[float]]:
@@ -463,7 +521,7 @@ from indextts.speakers import SpeakersConfig, select_speakers
 from indextts.text import TextConfig
 t = time.perf_counter(); c = time.process_time()
 out = clean_manifest(DataConfig(manifests=({str(manifest)!r},)), TextConfig(), CleanConfig(trust_durations=True), {str(out_dir)!r}, progress=False)
-select_speakers(SpeakersConfig(), out.clean, {str(out_dir / "speakers.json")!r})
+select_speakers(SpeakersConfig(top_k={SPEAKERS.top_k}, min_utterances={SPEAKERS.min_utterances}), out.clean, {str(out_dir / "speakers.json")!r})
 print(json.dumps({{"wall": time.perf_counter() - t, "cpu": time.process_time() - c, "summary": json.loads(out.summary.read_text())}}))
 """
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp)
@@ -556,23 +614,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3_000_000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference run")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) mirror of the library's checks")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain script")
     p.add_argument("--no-probe", action="store_true")
     p.add_argument("--baseline", metavar="REV", help="also time the library as it was at this git revision (one run)")
     p.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     p.add_argument("--profile", type=Path, help="also write a cProfile of one library run here")
     args = p.parse_args(argv)
 
-    load_before = os.getloadavg()[0]
     manifest = ensure_manifest(args.rows)
     text_cfg = TextConfig()
     clean_cfg = CleanConfig(trust_durations=True)
-    spk_cfg = SpeakersConfig()
-    lib_dir, ref_dir = OUT / "clean-lib", OUT / "clean-ref"
-    run_lib = lambda: library_run(manifest, text_cfg, clean_cfg, spk_cfg, lib_dir)  # noqa: E731
+    lib_dir, ref_dir, plain_dir = OUT / "clean-lib", OUT / "clean-ref", OUT / "clean-plain"
+    run_lib = lambda: library_run(manifest, text_cfg, clean_cfg, SPEAKERS, lib_dir)  # noqa: E731
+    loads: dict[str, tuple[float, float]] = {}  # 1-min load average before and after each timed run
+
+    def measured(name: str, fn):
+        before = os.getloadavg()[0]
+        try:
+            return fn()
+        finally:
+            loads[name] = (before, os.getloadavg()[0])
 
     lib_summary = run_lib()  # warm-up: page cache, imports
-    lib_wall, lib_cpu = timed_runs(run_lib, args.repeats)
+    lib_wall, lib_cpu = measured("library", lambda: timed_runs(run_lib, args.repeats))
+    plain = None
+    if not args.no_plain:
+        c, t = time.process_time(), time.perf_counter()
+        plain = measured("plain", lambda: plain_clean(manifest, clean_cfg, plain_dir, SPEAKERS.top_k, SPEAKERS.min_utterances))
+        plain.update(wall=time.perf_counter() - t, cpu=time.process_time() - c)
     stages: dict[str, float] = {}
     with stage_timer(stages):
         t = time.perf_counter()
@@ -588,58 +658,75 @@ def main(argv: list[str] | None = None) -> int:
 
     base = None
     if args.baseline:
-        base = baseline_run(args.baseline, manifest, OUT / "clean-baseline")
+        base = measured("baseline", lambda: baseline_run(args.baseline, manifest, OUT / "clean-baseline"))
         for key in ("input_rows", "kept", "rejected", "rejected_by_reason", "speakers"):
             assert base["summary"][key] == lib_summary[key], f"{key}: {args.baseline} {base['summary'][key]} != now {lib_summary[key]}"
 
     ref_time = None
     if not args.no_reference:
         t = time.perf_counter()
-        ref_summary = reference_clean(manifest, text_cfg, clean_cfg, spk_cfg, ref_dir)
+        ref_summary = measured("mirror", lambda: reference_clean(manifest, text_cfg, clean_cfg, SPEAKERS, ref_dir))
         ref_time = time.perf_counter() - t
         compare_outputs(lib_dir, ref_dir, lib_summary, ref_summary)
 
     probe = None if args.no_probe else probe_bench(OUT / "demo")
-    load_after = os.getloadavg()[0]
 
     lib_med = statistics.median(lib_wall)
     n = lib_summary["input_rows"]
     size_mb = manifest.stat().st_size / 1e6
+    speakers_lib = len(json.loads((lib_dir / "speakers.json").read_text())["speakers"])
+
+    def load(name: str) -> str:
+        a, b = loads[name]
+        return f"{a:.1f} → {b:.1f}"
+
     lines = [
         "### Manifest cleaning + speaker selection (`bench/bench_clean.py`)",
         "",
         "Command: `.venv/bin/python bench/bench_clean.py" + (f" --baseline {args.baseline}" if args.baseline else "") + "`  ",
-        f"Machine: {machine()}; 1-min load average {load_before:.1f} at the start, {load_after:.1f} at the end "
-        "(other jobs share the machine, so wall times carry their noise)",
+        f"Machine: {machine()}. Other jobs share the machine: each run's 1-min load average before → after is in the table, "
+        "and wall times carry that noise (CPU seconds less so).",
         "",
         f"Input: synthetic JSONL, {n:,} rows ({size_mb:,.0f} MB), ~20k speakers with Zipf-like sizes, seeded and cached "
-        f"under `bench/out/`; `clean.trust_durations: true`, everything else default. "
-        f"Kept {lib_summary['kept']:,} ({lib_summary['speakers']:,} speakers); rejected "
+        f"under `bench/out/`; `clean.trust_durations: true`, everything else default; speakers: top {SPEAKERS.top_k} "
+        f"with >= {SPEAKERS.min_utterances} train utterances. "
+        f"Kept {lib_summary['kept']:,} ({lib_summary['speakers']:,} speakers, {speakers_lib} selected); rejected "
         + ", ".join(f"{k} {v:,}" for k, v in lib_summary["rejected_by_reason"].items() if v)
         + ".",
         "",
-        "| run | wall (s) | CPU (s, all threads) | rows/s |",
-        "|---|---:|---:|---:|",
+        "| run | wall (s) | CPU (s, all threads) | rows/s | load before → after |",
+        "|---|---:|---:|---:|---:|",
         f"| library: `clean_manifest` + `select_speakers`, median of {args.repeats} after a warm-up "
-        f"(runs: {', '.join(f'{t:.1f}' for t in lib_wall)}) | {lib_med:.2f} | {statistics.median(lib_cpu):.1f} | {n / lib_med:,.0f} |",
+        f"(runs: {', '.join(f'{t:.1f}' for t in lib_wall)}) | {lib_med:.2f} | {statistics.median(lib_cpu):.1f} | {n / lib_med:,.0f} | {load('library')} |",
     ]
+    if plain:
+        lines.append(f"| plain script: `json.loads` per line, NFC + whitespace collapse, the same bounds and duplicate checks, `Counter`, "
+                     f"JSONL out (kept {plain['kept']:,}, {plain['speakers_selected']} speakers selected), 1 run "
+                     f"| {plain['wall']:.2f} | {plain['cpu']:.1f} | {n / plain['wall']:,.0f} | {load('plain')} |")
     if base:
-        lines.append(f"| the same at `{args.baseline}` (before this optimisation), 1 run | {base['wall']:.2f} | {base['cpu']:.1f} | {n / base['wall']:,.0f} |")
+        lines.append(f"| the library at `{args.baseline}` (before this rework), 1 run | {base['wall']:.2f} | {base['cpu']:.1f} | {n / base['wall']:,.0f} | {load('baseline')} |")
     if ref_time is not None:
-        lines.append(f"| reference: `json.loads` per line, a Python loop of the same checks, `Counter`, pandas → Parquet, 1 run | {ref_time:.2f} | | {n / ref_time:,.0f} |")
+        lines.append(f"| mirror: the library's exact checks as a Python loop (`json.loads`, `re`, `Counter`, pandas → Parquet), 1 run "
+                     f"| {ref_time:.2f} | | {n / ref_time:,.0f} | {load('mirror')} |")
     lines.append("")
+    if plain:
+        lines.append(f"Library vs the plain script: **{plain['wall'] / lib_med:.1f}×** less wall time, "
+                     f"{plain['cpu'] / statistics.median(lib_cpu):.1f}× less CPU. The plain script does less (no language rules, "
+                     "no rejects table, no Parquet, no probing), so it keeps a different set of rows.")
     if ref_time is not None:
-        lines.append(f"Library vs reference: **{ref_time / lib_med:.1f}×** less time. The script asserts that both keep and reject the "
+        lines.append(f"Library vs the mirror: **{ref_time / lib_med:.1f}×**. The script asserts that both keep and reject the "
                      "same rows for the same reasons, with identical clean columns, split and speakers.")
     if base:
         lines.append(f"Library vs `{args.baseline}`: **{base['wall'] / lib_med:.1f}×** (same kept/rejected counts per reason, asserted).")
-    lines += ["", f"Library stages (one instrumented run, {stage_total:.2f} s wall):", "", "| stage | wall (s) |", "|---|---:|"]
+    lines += ["", f"Library stages (one instrumented run, {stage_total:.2f} s wall; stages overlap: spans are normalised in the "
+              "thread pool while earlier spans are checked and written):", "", "| stage | wall (s) |", "|---|---:|"]
     for k, label in (("read", "read: JSONL → Arrow, blocks parsed in parallel, bad lines isolated by bisection"),
-                     ("normalise", "normalise: mojibake check + `text.normalize_array` + lengths, slices on all cores"),
-                     ("hashes", "hashes: XXH64 of utt_ids and audio paths + first occurrences (beside normalise, same pool)"),
-                     ("checks", "checks: fields, ids, paths, bounds, chars/s, building the tables (the rest)"),
-                     ("write", "write: Parquet (zstd) ‖ summary"),
-                     ("speakers", "speakers: `select_speakers` (reads clean.parquet)")):
+                     ("keys", "keys: utt_ids, resolved audio paths, duplicate groups (in the pool, beside the first spans)"),
+                     ("normalise", "normalise: `text.normalize_array` (polars for plain rows) + lengths + mojibake, spans in the pool"),
+                     ("check", "check: fields, duplicates, durations, bounds, chars/s, span by span"),
+                     ("write", "write: split + clean.parquet row groups (zstd), rejects.parquet, summary"),
+                     ("speakers", "speakers: `select_speakers` (reads clean.parquet)"),
+                     ("rest", "rest: what no stage above covers")):
         lines.append(f"| {label} | {stages.get(k, 0.0):.2f} |")
     if probe:
         lines += [
