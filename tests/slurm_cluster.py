@@ -182,7 +182,11 @@ class LocalSlurm:
             raise ClusterError(f"{conf} exists and was not written by this script: refusing to replace a real cluster's config")
         busy = [p for p in PORTS if _port_in_use(p)]
         if busy:
-            hint = f" (a test cluster left running: python {__file__} down)" if RECORD.exists() else ""
+            hint = ""
+            if RECORD.exists():
+                rec = json.loads(RECORD.read_text())
+                hint = (f" (the test cluster of {rec.get('state')}, pids {rec.get('pids')}: a test still running, or one that "
+                        f"was killed; if none is running, stop it with: python {__file__} down)")
             raise ClusterError(f"something already listens on SLURM port(s) {busy}: a SLURM is running here, not starting another{hint}")
         self.state = self.state.resolve()
         for sub in ("slurmctld", "slurmd"):
