@@ -49,7 +49,13 @@ rule extract_codes:
         # w2v-BERT 2.0 is 2.3 GB in fp32, beside its activations.
         mem_mb=16000 if SEMANTIC else 8000,
     params:
-        cfg=stage_config("codec", "codes", *(["features"] if STORE_FEATURES else [])),
+        # frame_tolerance is index_codes' check: changing it must not re-encode the shards.
+        cfg=stage_config(
+            "codec",
+            "codes",
+            *(["features"] if STORE_FEATURES else []),
+            unread=("codes.frame_tolerance",),
+        ),
         code=code_id("codec", "codes", *(["features", "semantic_codec"] if SEMANTIC else []), *CORE),
         features=features_arg,
         runtime=runtime_params,

@@ -40,13 +40,15 @@ RUNTIME_KEYS = {
 EXPORT_KEYS = {"pretrained": ("config",)}
 
 
-def stage_config(*sections):
+def stage_config(*sections, unread=()):
     """The config sections a stage reads, less RUNTIME_KEYS, as compact JSON. Rules pass it as
     ``params.cfg`` and on to ``indextts <command> --config``, so a change to any value a stage
-    reads, and only those, reruns it."""
+    reads, and only those, reruns it. ``unread``: ``"section.key"`` entries of those sections
+    that this stage does not read (they keep their defaults in the library)."""
     out = {}
     for s in sections:
         skip = (*RUNTIME_KEYS.get(s, ()), *EXPORT_KEYS.get(s, ()))
+        skip += tuple(u.split(".", 1)[1] for u in unread if u.startswith(f"{s}."))
         out[s] = {k: v for k, v in (config.get(s) or {}).items() if k not in skip}
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 

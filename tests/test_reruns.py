@@ -72,6 +72,9 @@ CASES = [
     Case("stage3-lr", after_training(3), config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
     Case("stage1-steps", ALL_STAGES, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
     Case("codec", EXTRACTION | ALL_STAGES, config=lambda c: c["codec"].update(n_quantizers=2)),
+    # index_codes' own check: the index and what reads it, not the shards.
+    Case("frame-tolerance", {"index_codes": 1, "validate_pipeline": 1} | ALL_STAGES,
+         config=lambda c: c["codes"].update(frame_tolerance=3.0)),
     Case("train-module", ALL_STAGES, module="train.py"),
     Case("forcerun-stage2", after_training(2, 3), args=("--forcerun", "train_stage2")),
     Case("until-select-speakers", {"demo_corpus": 1, "clean_manifest": 1, "select_speakers": 1},

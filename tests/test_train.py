@@ -157,7 +157,7 @@ def test_config_change_between_kill_and_restart_starts_fresh(corpus, tmp_path):
 def test_lora_resume_and_only_adapters_change(corpus, stage1, tmp_path):
     lora = cfg_with(stage1={"training_type": "lora", "lora": {"rank": 2, "alpha": 4.0, "dropout": 0.1}})
     ref = tmp_path / "ref"
-    train_stage(lora, 1, inputs(corpus, ref))
+    run_cli(corpus, ref, 1, lora)  # the reference in its own process too: same threads, same kernels
     out = tmp_path / "stage1"
     run_cli(corpus, out, 1, lora, kill_after=5)
     proc = run_cli(corpus, out, 1, lora)
