@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from indextts.codes import REJECTS_SCHEMA, CodesConfig, index_codes, shard_schema
 from indextts.validate import ValidationFailed, cli_validate, validate_pipeline
 from indextts.vocab import VocabConfig, train_vocab
+from tests.factories import write_codes
 
 SR = 16000
 FRAME_RATE = 50.0
@@ -55,22 +55,10 @@ def make_corpus(root: Path, *, seed: int = 0) -> dict[str, Path]:
         ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])), clean)
     vocab = train_vocab(VocabConfig(vocab_size=40, max_unk_ratio=0.5, num_threads=1), clean, root / "vocab")
 
-    codes_dir = root / "codes"
-    codes_dir.mkdir()
-    meta = {"format": 1, "n_q": N_Q, "sample_rate": SR, "hop_length": int(SR / FRAME_RATE), "frame_rate": FRAME_RATE,
-            "codebook_size": CODEBOOK, "weights_sha256": "0" * 64, "shard": 0, "n_shards": 1}
-    shard_rows = []
-    for r in sorted(rows, key=lambda r: r["utt_id"]):
-        n = math.ceil(r["duration"] * FRAME_RATE)
-        codes = rng.integers(0, CODEBOOK, size=(N_Q, n), dtype=np.int16)
-        shard_rows.append({k: r[k] for k in ("utt_id", "speaker", "text", "language", "emotion", "audio_path", "duration")}
-                          | {"n_frames": n, "codes": codes.reshape(-1).tolist()})
-    shard = codes_dir / "shard-00000-of-00001.parquet"
-    pq.write_table(pa.Table.from_pylist(shard_rows, schema=shard_schema(meta)), shard)
-    rejects = codes_dir / "rejects" / "shard-00000-of-00001.parquet"
-    rejects.parent.mkdir()
-    pq.write_table(REJECTS_SCHEMA.empty_table(), rejects)
-    index = index_codes(CodesConfig(n_shards=1), clean, [shard], [rejects], codes_dir / "index.json")
+    codes_by_id = {r["utt_id"]: rng.integers(0, CODEBOOK, size=(N_Q, math.ceil(r["duration"] * FRAME_RATE)), dtype=np.int16)
+                   for r in sorted(rows, key=lambda r: r["utt_id"])}
+    shard, index = write_codes(root / "codes", clean, rows, codes_by_id, codebook=CODEBOOK, sample_rate=SR,
+                               frame_rate=FRAME_RATE)
     return {"clean": clean, "bpe": vocab.model, "index": index, "shard": shard}
 
 
