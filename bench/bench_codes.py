@@ -47,6 +47,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmarks_md import write_section  # noqa: E402
+
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import soundfile as sf  # noqa: E402
@@ -362,16 +364,6 @@ def markdown(extraction: list[dict], reading: dict, args, load: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.replace(ANCHOR, ANCHOR + "\n\n" + text, 1)
-    path.write_text(doc, encoding="utf-8")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny-seconds", type=float, default=300.0, help="audio for the tiny codec (default 300)")
@@ -403,7 +395,7 @@ def main() -> int:
     text = markdown(extraction, reading, args, load)
     print(text)
     if not args.no_write and args.only is None:
-        write_section(text)
+        write_section(text, BEGIN, END, ANCHOR)
     return 0
 
 

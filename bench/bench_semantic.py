@@ -40,6 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmarks_md import write_section  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -317,16 +319,6 @@ def markdown(args, load0: str, load1: str, ext: dict, st: dict, flops: list[dict
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.replace(ANCHOR, ANCHOR + "\n\n" + text, 1)
-    path.write_text(doc, encoding="utf-8")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=300.0, help="audio seconds of the extraction corpus")
@@ -354,7 +346,7 @@ def main() -> int:
     text = markdown(args, load0, load1, ext, st, flops, cpu, dk, read_ms)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, BEGIN, END, ANCHOR)
     return 0
 
 

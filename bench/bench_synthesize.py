@@ -20,14 +20,18 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from indextts.model import build_model, model_config
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.benchmarks_md import write_section  # noqa: E402
+from indextts.model import build_model, model_config  # noqa: E402
+
 BEGIN, END = "<!-- bench_synthesize.py: begin -->", "<!-- bench_synthesize.py: end -->"
 FRAME_RATE = 50.0  # the demo DAC (16 kHz, hop 320)
 SAMPLING = dict(temperature=0.8, top_k=30, top_p=0.8, repetition_penalty=10.0)
@@ -164,16 +168,6 @@ def section(results: list[dict], args, load: tuple[float, float]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc, encoding="utf-8")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=500)
@@ -195,7 +189,7 @@ def main() -> int:
     text = section(results, a, (start, os.getloadavg()[0]))
     print(text)
     if not a.no_write:
-        write_section(text)
+        write_section(text, BEGIN, END)
     return 0
 
 

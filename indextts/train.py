@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -263,16 +264,10 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _match(n, lora.targets)]
     if not names:
         raise ConfigError(f"train.stageN.lora.targets: {list(lora.targets)} match no linear layer of the model")
-    pattern = "^(" + "|".join(map(_escape_name, names)) + ")$"
+    pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
     cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern,
                      init_lora_weights=True)
     return inject_adapter_in_model(cfg, model)
-
-
-def _escape_name(name: str) -> str:
-    import re
-
-    return re.escape(name)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -34,8 +34,6 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
     import math
 
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import soundfile as sf
 
     from indextts.vocab import VocabConfig, train_vocab
@@ -71,11 +69,7 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
                 "language": "am", "emotion": emotions[j % 3], "duration": dur, "sample_rate": sr, "channels": 1,
                 "split": "val" if j == per_speaker - 1 else "train",
             })
-    clean = root / "clean.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
-        ("utt_id", pa.string()), ("audio_path", pa.string()), ("text", pa.string()), ("raw_text", pa.string()),
-        ("speaker", pa.string()), ("language", pa.string()), ("emotion", pa.string()), ("duration", pa.float64()),
-        ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])), clean)
+    clean = write_clean(root / "clean.parquet", rows)
     vocab = train_vocab(VocabConfig(vocab_size=40, max_unk_ratio=0.5, num_threads=1), clean, root / "vocab")
     shard, index = write_codes(root / "codes", clean, rows, codes_by_id, codebook=codebook)
     speakers = root / "speakers.json"
@@ -111,3 +105,16 @@ def write_codes(codes_dir: Path, clean: Path, rows: list[dict], codes_by_id: dic
     pq.write_table(REJECTS_SCHEMA.empty_table(), rejects)
     index = index_codes(CodesConfig(n_shards=1), clean, [shard], [rejects], codes_dir / "index.json")
     return shard, index
+
+
+def write_clean(path: Path, rows: list[dict]) -> Path:
+    """``clean.parquet`` of ``rows`` with the data contract's column types (DESIGN 3)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("utt_id", pa.string()), ("audio_path", pa.string()), ("text", pa.string()), ("raw_text", pa.string()),
+        ("speaker", pa.string()), ("language", pa.string()), ("emotion", pa.string()), ("duration", pa.float64()),
+        ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path

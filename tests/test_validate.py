@@ -16,7 +16,7 @@ import torch
 
 from indextts.validate import ValidationFailed, cli_validate, validate_pipeline
 from indextts.vocab import VocabConfig, train_vocab
-from tests.factories import write_codes
+from tests.factories import write_clean, write_codes
 
 SR = 16000
 FRAME_RATE = 50.0
@@ -48,11 +48,7 @@ def make_corpus(root: Path, *, seed: int = 0) -> dict[str, Path]:
             "language": "am", "emotion": None, "duration": dur, "sample_rate": SR, "channels": 1,
             "split": "val" if k == 6 else "train",
         })
-    clean = root / "clean.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
-        ("utt_id", pa.string()), ("audio_path", pa.string()), ("text", pa.string()), ("raw_text", pa.string()),
-        ("speaker", pa.string()), ("language", pa.string()), ("emotion", pa.string()), ("duration", pa.float64()),
-        ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])), clean)
+    clean = write_clean(root / "clean.parquet", rows)
     vocab = train_vocab(VocabConfig(vocab_size=40, max_unk_ratio=0.5, num_threads=1), clean, root / "vocab")
 
     codes_by_id = {r["utt_id"]: rng.integers(0, CODEBOOK, size=(N_Q, math.ceil(r["duration"] * FRAME_RATE)), dtype=np.int16)
