@@ -52,6 +52,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from indextts.cli import ALLOCATOR_ENV, tune_allocators  # noqa: E402
+
+tune_allocators()  # as `indextts clean-manifest` runs: before pyarrow and polars load
+
 from indextts import manifest as M  # noqa: E402
 from indextts.manifest import CleanConfig, DataConfig, clean_manifest, probe_audio, probe_many, stable_fraction  # noqa: E402
 from indextts.speakers import SpeakersConfig, select_speakers  # noqa: E402
@@ -460,9 +464,11 @@ def stage_timer(buckets: dict[str, float]):
     by side is not counted twice; stages overlap each other (spans are normalised in the pool
     while earlier ones are checked and written). The wall time no wrapped function covers is
     ``rest``."""
+    import pyarrow.parquet as pq
+
     this = sys.modules[__name__]
     targets = [(M, "_read", "read"), (M, "_keys", "keys"), (M, "_normalise", "normalise"), (M._Check, "span", "check"),
-               (M._CleanFile, "_flush", "write"), (M, "write_parquet", "write"), (M, "_summary", "write"),
+               (pq.ParquetWriter, "write_table", "write"), (M, "_summary", "write"),
                (M, "write_json", "write"), (this, "select_speakers", "speakers")]
     intervals: dict[str, list[tuple[float, float]]] = {}
     saved = []
@@ -685,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Command: `.venv/bin/python bench/bench_clean.py" + (f" --baseline {args.baseline}" if args.baseline else "") + "`  ",
         f"Machine: {machine()}. Other jobs share the machine: each run's 1-min load average before → after is in the table, "
-        "and wall times carry that noise (CPU seconds less so).",
+        "and wall times carry that noise (CPU seconds less so). Allocator settings as `indextts` sets them for every command "
+        f"(`indextts.cli.ALLOCATOR_ENV`): {', '.join(f'`{k}={v}`' for k, v in ALLOCATOR_ENV.items())}.",
         "",
         f"Input: synthetic JSONL, {n:,} rows ({size_mb:,.0f} MB), ~20k speakers with Zipf-like sizes, seeded and cached "
         f"under `bench/out/`; `clean.trust_durations: true`, everything else default; speakers: top {SPEAKERS.top_k} "
@@ -724,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("keys", "keys: utt_ids, resolved audio paths, duplicate groups (in the pool, beside the first spans)"),
                      ("normalise", "normalise: `text.normalize_array` (polars for plain rows) + lengths + mojibake, spans in the pool"),
                      ("check", "check: fields, duplicates, durations, bounds, chars/s, span by span"),
-                     ("write", "write: split + clean.parquet row groups (zstd), rejects.parquet, summary"),
+                     ("write", "write: clean.parquet row groups (in a thread of their own; transcripts uncompressed, the rest zstd), rejects.parquet, summary"),
                      ("speakers", "speakers: `select_speakers` (reads clean.parquet)"),
                      ("rest", "rest: what no stage above covers")):
         lines.append(f"| {label} | {stages.get(k, 0.0):.2f} |")

@@ -2,7 +2,8 @@
 
 Every Parquet table the pipeline writes goes through :func:`write_parquet` (or
 :func:`parquet_writer` for one written in row groups), so all of them share one set of writer
-settings: zstd, no timestamps, so the same table gives the same bytes.
+settings: zstd (a writer may leave named columns uncompressed), no timestamps, so the same table
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def parquet_writer(
     *,
     dictionary: bool | Sequence[str] = True,
     statistics: bool | Sequence[str] = True,
+    uncompressed: Sequence[str] = (),
 ) -> Iterator[pq.ParquetWriter]:
     """Yield a zstd Parquet writer for ``path``; each ``write_table`` call adds row groups, and
     the file is renamed into place when the block succeeds (see :func:`atomic_path`).
@@ -77,11 +79,14 @@ def parquet_writer(
             for repeated values (speakers, codebook indices); on unique strings it is built,
             found too large and dropped, which costs time for nothing.
         statistics: min/max statistics for all columns (True) or only these.
+        uncompressed: columns written without compression, where zstd would cost more time than
+            the space it saves is worth (see ``manifest.CLEAN_UNCOMPRESSED``).
     """
     with atomic_path(path) as tmp:
         opts = {"use_dictionary": dictionary if isinstance(dictionary, bool) else list(dictionary),
                 "write_statistics": statistics if isinstance(statistics, bool) else list(statistics)}
-        with pq.ParquetWriter(tmp, schema, compression="zstd", **opts) as writer:
+        compression = {name: "none" if name in uncompressed else "zstd" for name in schema.names} if uncompressed else "zstd"
+        with pq.ParquetWriter(tmp, schema, compression=compression, **opts) as writer:
             yield writer
 
 

@@ -15,15 +15,17 @@ assembles a corpus, or a ``/data`` link that points at different storage on each
 ``a/../a/b.wav`` and a symlink to it are one file: the first listing is kept, the later ones are
 rejected as ``duplicate`` with a detail naming the earlier row and the resolved path.
 
-How it runs (:func:`clean_manifest`): read (JSONL blocks parsed in parallel by Arrow; a block
-with a bad line is bisected until that line is isolated and parsed with ``json.loads``) ->
-normalise (spans of rows in a thread pool, ahead of the checks: polars and Arrow kernels release
-the GIL, see :mod:`indextts.text`) -> check (span after span in row order) -> write (each span's
-kept rows become a row group of clean.parquet at once, so the single-threaded zstd encoding runs
-beside the normalisation of later spans). The only per-row Python is the audio-header probe, in a
-thread pool (soundfile releases the GIL; headers only, never samples), and the XXH64 of kept
-utt_ids for the train/val split (:func:`stable_fraction`). Duplicates are found exactly, by
-Arrow's hash tables over the strings. For corpora too large to probe, ``clean.trust_durations``
+How it runs (:func:`clean_manifest`): read (the JSONL file mapped into memory and parsed by
+Arrow in blocks, in parallel; a block with a bad line is bisected until that line is isolated and
+parsed with ``json.loads``) -> normalise (spans of rows in a thread pool, ahead of the checks:
+polars and Arrow kernels release the GIL, see :mod:`indextts.text`) -> check (span after span in
+row order) -> write (each span's kept rows become a row group of clean.parquet, encoded in a
+thread of its own beside the normalisation of later spans; the transcripts uncompressed, see
+:data:`CLEAN_UNCOMPRESSED`). The only per-row Python is the audio-header probe, in a thread pool
+(soundfile releases the GIL; headers only, never samples). The train/val split hashes the kept
+utt_ids with XXH64 (:func:`stable_fraction`, vectorised in :mod:`indextts.hashing`). Duplicates
+are found exactly: rows are grouped by a 64-bit hash and every repeat is compared with its first
+row's string. For corpora too large to probe, ``clean.trust_durations``
 takes durations from the manifest.
 """
 
@@ -32,8 +34,10 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import contextlib
 import itertools
 import json
+import mmap
 import os
 import re
 import struct
@@ -52,6 +56,7 @@ import pyarrow.parquet as pq
 
 from indextts.config import get_section, load_config_arg, pairs
 from indextts.files import parquet_writer, write_json, write_parquet
+from indextts.hashing import xxh64
 from indextts.text import TextConfig, count_chars, has_bad_encoding, normalize_array
 
 # The fixed vocabulary of reject reasons, in the order the checks run (a row gets the first).
@@ -160,35 +165,41 @@ def _manifest_format(path: Path) -> str:
 _JSON_BLOCK_BYTES = 1 << 20
 # Spans with at most this many lines are parsed line by line once Arrow has rejected them.
 _JSON_SLOW_LINES = 64
-# A newline followed by a line of nothing but ASCII whitespace: a blank line, which is not a row
-# (the empty string after a final newline is no line at all).
-_BLANK_LINE = re.compile(rb"\n(?:[ \t\r\x0b\x0c]*\n|[ \t\r\x0b\x0c]+\Z)")
+# Lines of at most this many bytes may be blank (only ASCII whitespace); longer ones are rows.
+_BLANK_MAX = 8
 
 
 def _jsonl_schema(mapping: dict[str, str]) -> pa.Schema:
     return pa.schema([(mapping[c], pa.float64() if c == "duration" else pa.string()) for c in CANONICAL if mapping[c]])
 
 
-def _jsonl_blocks(path: Path) -> Iterator[bytes]:
-    """Yield the file's whole lines in blocks of about ``_JSON_BLOCK_BYTES``."""
-    carry = b""
+@contextlib.contextmanager
+def _jsonl_blocks(path: Path) -> Iterator[Iterator[memoryview]]:
+    """The file's whole lines in blocks of about ``_JSON_BLOCK_BYTES``: views of the file mapped
+    into memory (no copies), valid inside the ``with`` block."""
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_JSON_BLOCK_BYTES)
-            data = carry + chunk if carry else chunk
-            if not chunk:
-                if data:
-                    yield data
-                return
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one line longer than a block: keep reading
-                carry = data
-                continue
-            if cut == len(data):
-                block, carry = data, b""
-            else:
-                block, carry = data[:cut], data[cut:]
-            yield block
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            yield iter(())
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+
+            def blocks() -> Iterator[memoryview]:
+                start = 0
+                while start < size:
+                    end = min(start + _JSON_BLOCK_BYTES, size)
+                    if end < size:
+                        cut = mm.rfind(b"\n", start, end)
+                        # One line longer than a block: the block reaches to that line's end.
+                        end = cut + 1 if cut >= 0 else (mm.find(b"\n", end) + 1 or size)
+                    yield view[start:end]
+                    start = end
+
+            try:
+                yield blocks()
+            finally:
+                view.release()
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,7 @@ class _Block:
     """One block of whole JSONL lines being parsed, and what parsing it has produced so far.
     Line numbers are 1-based within the block."""
 
-    data: bytes
+    data: memoryview
     fmt: _JsonFormat
     starts: np.ndarray  # byte offset where each line starts
     ends: np.ndarray  # byte offset of each line's newline (or the block's end)
@@ -223,14 +234,16 @@ class _Block:
     malformed: list[dict] = field(default_factory=list)  # {row, detail} for lines no parser took
 
     @classmethod
-    def index(cls, data: bytes, fmt: _JsonFormat) -> _Block:
-        buf = np.frombuffer(data, dtype=np.uint8)
-        nl = np.flatnonzero(buf == 10)
+    def index(cls, data: memoryview, fmt: _JsonFormat) -> _Block:
+        """Find the block's lines (one vectorised pass over its bytes) and which are blank."""
+        nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
         starts = np.concatenate(([0], nl + 1))
         ends = np.concatenate((nl, [len(data)]))
+        if len(data) and ends[-1] == starts[-1]:  # the empty string after a final newline is no line
+            starts, ends = starts[:-1], ends[:-1]
         blank = np.zeros(len(starts), dtype=bool)
-        for i in np.flatnonzero(ends - starts <= 8):  # only short lines can be blank; check those
-            blank[i] = not data[starts[i] : ends[i]].strip()
+        for i in np.flatnonzero(ends - starts <= _BLANK_MAX):  # only short lines can be blank; check those
+            blank[i] = not bytes(data[starts[i] : ends[i]]).strip()
         return cls(data, fmt, starts, ends, blank)
 
 
@@ -246,20 +259,22 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
     fmt = _JsonFormat.of(mapping)
     workers = _workers()
     results: list[cf.Future] = []
-    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        window: list[cf.Future] = []
-        for data in _jsonl_blocks(path):
+    with _jsonl_blocks(path) as blocks, cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        window: collections.deque[cf.Future] = collections.deque()
+        data = None
+        for data in blocks:
             fut = pool.submit(_parse_block, data, fmt)
             results.append(fut)
             window.append(fut)
-            if len(window) > 4 * workers:  # bound the bytes held in memory while parsing
-                window.pop(0).result()
+            if len(window) > 4 * workers:  # bound the parsed blocks waiting in memory
+                window.popleft().result()
+        parsed = [fut.result() for fut in results]  # before the file's mapping closes
+        del data, window, results  # no view of the mapping may outlive it (Arrow copied the values)
     # Blocks number their lines from 1; shift them by the lines of the blocks before.
     tables: list[pa.Table] = []
     malformed: list[dict] = []
     lines_before = 0
-    for fut in results:
-        block_tables, bad, n_lines = fut.result()
+    for block_tables, bad, n_lines in parsed:
         for t in block_tables:
             i = t.schema.get_field_index("row")
             tables.append(t.set_column(i, "row", pc.add(t.column(i), lines_before)))
@@ -270,26 +285,26 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
     return pa.concat_tables(tables), malformed
 
 
-def _parse_block(data: bytes, fmt: _JsonFormat) -> tuple[list[pa.Table], list[dict], int]:
+def _parse_block(data: memoryview, fmt: _JsonFormat) -> tuple[list[pa.Table], list[dict], int]:
     """Parse one block of whole lines. Returns its tables and malformed lines, numbered from 1
-    within the block, and the block's number of newlines."""
-    n_newlines = data.count(b"\n")
-    has_blank = data[: data.find(b"\n") + 1 or len(data)].isspace() or _BLANK_LINE.search(data) is not None
-    if not has_blank:
-        n_lines = n_newlines + (0 if data.endswith(b"\n") else 1)
-        table = _try_parse(data, 0, len(data), fmt)
-        if table is not None and table.num_rows == n_lines:
-            rows = np.arange(1, n_lines + 1, dtype=np.int64)
-            return [table.append_column("row", pa.array(rows))], [], n_newlines
-    # Blank lines or a bad line: index the lines of this block and work on line ranges.
+    within the block, and the block's number of lines (blank ones included).
+
+    Arrow skips blank lines and reads two objects on one line as two rows, so its row count can
+    match the line count by chance; its rows are taken as the block's lines only when no line is
+    blank. Otherwise, or when Arrow rejects the block, the lines are parsed in ranges."""
     block = _Block.index(data, fmt)
+    if not block.blank.any():
+        table = _try_parse(data, 0, len(data), fmt)
+        if table is not None and table.num_rows == len(block.starts):
+            rows = np.arange(1, len(block.starts) + 1, dtype=np.int64)
+            return [table.append_column("row", pa.array(rows))], [], len(block.starts)
     _parse_lines(block, 0, len(block.starts))
-    return block.tables, block.malformed, n_newlines
+    return block.tables, block.malformed, len(block.starts)
 
 
-def _try_parse(data: bytes, lo: int, hi: int, fmt: _JsonFormat) -> pa.Table | None:
+def _try_parse(data: memoryview, lo: int, hi: int, fmt: _JsonFormat) -> pa.Table | None:
     try:
-        return pajson.read_json(pa.BufferReader(pa.py_buffer(memoryview(data)[lo:hi])), read_options=fmt.read, parse_options=fmt.parse)
+        return pajson.read_json(pa.BufferReader(pa.py_buffer(data[lo:hi])), read_options=fmt.read, parse_options=fmt.parse)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
 
@@ -305,7 +320,7 @@ def _parse_lines(block: _Block, a: int, b: int) -> None:
         block.tables.append(table.append_column("row", pa.array(rows.astype(np.int64) + 1)))
         return
     if len(rows) <= _JSON_SLOW_LINES:
-        table, bad = _parse_lines_slowly(block.data[lo:hi], a, block.fmt.schema)
+        table, bad = _parse_lines_slowly(bytes(block.data[lo:hi]), a, block.fmt.schema)
         block.tables.append(table)
         block.malformed.extend(bad)
         return
@@ -518,10 +533,11 @@ def probe_many(paths: Sequence[str], workers: int, progress: bool = True, bar=No
 
 
 def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
-    """XXH64 (seed 0, the ``xxhash`` package) of the UTF-8 bytes of ``salt + key``, as ``uint64``.
+    """XXH64 (seed 0, as the ``xxhash`` package computes it) of the UTF-8 bytes of ``salt + key``,
+    as ``uint64``.
 
-    The same on every machine, process and Python version (unlike ``hash()``), and about 5x
-    cheaper per key than ``hashlib.blake2b``.
+    The same on every machine, process and Python version (unlike ``hash()``). Computed for all
+    keys at once (:func:`indextts.hashing.xxh64`), not one Python call per key.
 
     Args:
         keys: strings (a Python iterable or an Arrow string array); no nulls.
@@ -533,18 +549,14 @@ def stable_hash64(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = 
     Raises:
         ValueError: a key is null.
     """
-    import xxhash
-
-    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
-        if keys.null_count:
-            raise ValueError("stable_hash64: keys must not be null")
-        keys = keys.to_pylist()
-    elif not isinstance(keys, list):
-        keys = list(keys)
-    if any(k is None for k in keys):
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = pa.array(keys if isinstance(keys, list) else list(keys), type=pa.string())
+    if keys.null_count:
         raise ValueError("stable_hash64: keys must not be null")
-    digest, prefix = xxhash.xxh64_intdigest, salt.encode()
-    return np.fromiter((digest(prefix + k.encode()) for k in keys), dtype=np.uint64, count=len(keys))
+    flat = _flat(keys)
+    if salt:
+        flat = pc.binary_join_element_wise(salt, flat, "")
+    return xxh64(flat)
 
 
 def stable_fraction(keys: Iterable[str] | pa.Array | pa.ChunkedArray, salt: str = "") -> np.ndarray:
@@ -714,6 +726,11 @@ CLEAN_SCHEMA = pa.schema(
 # Columns with few distinct values: dictionary encoding shrinks them; on the unique strings of
 # the other columns Arrow would build a dictionary, find it too large and drop it.
 _CLEAN_DICTIONARY = ("speaker", "language", "emotion", "split")
+# The transcripts are stored uncompressed: zstd on them took 4.5 of the ~6.5 CPU-seconds of
+# writing a 3M-row clean.parquet (160 MB/s on the benchmark machine) for a file 2.4x smaller
+# (387 MB instead of 935 MB), while later stages read them faster without it. Every other
+# column is zstd.
+CLEAN_UNCOMPRESSED = ("text", "raw_text")
 # Min/max statistics for the columns a reader might filter on; not for the transcripts.
 _CLEAN_STATISTICS = ("utt_id", "audio_path", "speaker", "language", "emotion", "duration", "sample_rate", "channels", "split")
 
@@ -797,15 +814,18 @@ def clean_manifest(
         keys = pool.submit(_keys, rows, clean_cfg)  # beside the first spans' normalisation
         texts = _in_order(pool, [lambda a=a, b=b: _normalise(_flat(raw_text.slice(a, b - a)), text_cfg) for a, b in spans])
         check = _Check(rows, keys.result(), data_cfg.columns, clean_cfg, progress)
-        with parquet_writer(out.clean, CLEAN_SCHEMA, dictionary=_CLEAN_DICTIONARY, statistics=_CLEAN_STATISTICS) as writer:
+        with parquet_writer(out.clean, CLEAN_SCHEMA, dictionary=_CLEAN_DICTIONARY, statistics=_CLEAN_STATISTICS, uncompressed=CLEAN_UNCOMPRESSED) as writer:
             clean = _CleanFile(writer, clean_cfg)
-            for (a, b), span_texts in zip(spans, texts):
-                verdict = check.span(a, b, span_texts)
-                clean.add(_kept_rows(rows, check.keys, a, b, span_texts, verdict))
-            clean.finish()
+            try:
+                for (a, b), span_texts in zip(spans, texts):
+                    verdict = check.span(a, b, span_texts)
+                    clean.add(_kept_rows(rows, check.keys, a, b, span_texts, verdict))
+                clean.finish()
+            finally:
+                clean.close()  # every row group written (or failed) before the writer closes
     rejects = check.rejects()
     write_parquet(rejects, out.rejects)
-    summary = _summary(clean.summary_columns(), rejects, rows.table.num_rows + len(rows.malformed), rows.manifests, clean_cfg)
+    summary = _summary(clean.tally, rejects, rows.table.num_rows + len(rows.malformed), rows.manifests, clean_cfg)
     write_json(out.summary, summary)
     if summary["kept"] == 0:
         top = ", ".join(f"{k}: {v}" for k, v in summary["rejected_by_reason"].items() if v)
@@ -1036,8 +1056,9 @@ def _kept_rows(rows: _Rows, keys: _Keys, a: int, b: int, texts: _Texts, verdict:
 
 
 class _CleanFile:
-    """Step 4: clean.parquet, one row group per span, written while later spans are still being
-    normalised (zstd compression is single-threaded; this way it runs beside the other work).
+    """Step 4: clean.parquet, one row group per span, written in a thread of its own while the
+    next spans are checked and normalised (zstd compression is single-threaded and releases the
+    GIL; this way it runs beside the other work instead of after it).
 
     The split is decided here: val when :func:`stable_fraction` of the utt_id is below
     ``clean.val_fraction``. A corpus whose kept rows all land in train still gets one val
@@ -1045,11 +1066,16 @@ class _CleanFile:
     been seen and that can no longer happen.
     """
 
+    # Row groups handed to the writing thread and not yet written: bounds the memory they hold.
+    _PENDING = 2
+
     def __init__(self, writer: pq.ParquetWriter, cfg: CleanConfig):
         self.writer, self.cfg = writer, cfg
         self.held: list[tuple[pa.Table, np.ndarray]] = []  # (kept rows, split fractions)
         self.any_val = cfg.val_fraction <= 0  # nothing to guarantee then
-        self.summary_parts: list[pa.Table] = []
+        self.tally = _Tally()
+        self.thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="clean-parquet")
+        self.pending: collections.deque[cf.Future] = collections.deque()
 
     def add(self, table: pa.Table) -> None:
         frac = stable_fraction(table.column("utt_id"), self.cfg.split_salt)
@@ -1059,6 +1085,7 @@ class _CleanFile:
             self._flush()
 
     def finish(self) -> None:
+        """Hand over what is held back (:meth:`close` waits for it to be written)."""
         fracs = [f for _, f in self.held]
         if sum(len(f) for f in fracs) >= 2 and not self.any_val:
             flat = np.concatenate(fracs)
@@ -1066,53 +1093,77 @@ class _CleanFile:
             self.held = [(t, f) for (t, _), f in zip(self.held, np.split(flat, np.cumsum([len(f) for f in fracs])[:-1]))]
         self._flush()
 
+    def close(self) -> None:
+        """Wait for the row groups handed over (raising the first error), then stop the thread."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.thread.shutdown(wait=True, cancel_futures=True)
+
     def _flush(self) -> None:
         for table, frac in self.held:
             is_val = frac < self.cfg.val_fraction
             split = pa.DictionaryArray.from_arrays(pa.array(is_val.astype(np.int8)), pa.array(["train", "val"])).cast(pa.string())
             table = table.append_column("split", split).cast(CLEAN_SCHEMA)
-            self.writer.write_table(table)
-            self.summary_parts.append(table.select(list(_SUMMARY_COLUMNS)))
+            while len(self.pending) >= self._PENDING:
+                self.pending.popleft().result()
+            self.pending.append(self.thread.submit(self.writer.write_table, table))
+            self.tally.add(table, is_val)
         self.held = []
 
-    def summary_columns(self) -> pa.Table:
-        """The columns of everything written that summary.json counts."""
-        if self.summary_parts:
-            return pa.concat_tables(self.summary_parts)
-        return pa.table({c: pa.array([], type=CLEAN_SCHEMA.field(c).type) for c in _SUMMARY_COLUMNS})
+
+@dataclass
+class _Tally:
+    """What summary.json counts of the kept rows, gathered span by span as they are written
+    (beside the other work, not after it)."""
+
+    durations: list[np.ndarray] = field(default_factory=list)
+    is_val: list[np.ndarray] = field(default_factory=list)
+    speakers: set = field(default_factory=set)
+    languages: dict = field(default_factory=dict)  # value -> count, in order of first appearance
+    emotions: dict = field(default_factory=dict)
+    probed: int = 0
+
+    def add(self, table: pa.Table, is_val: np.ndarray) -> None:
+        self.durations.append(table.column("duration").to_numpy())
+        self.is_val.append(is_val)
+        self.speakers.update(pc.unique(table.column("speaker")).to_pylist())
+        for name, counts in (("language", self.languages), ("emotion", self.emotions)):
+            for value, n in _value_counts(table.column(name)).items():
+                counts[value] = counts.get(value, 0) + n
+        self.probed += table.num_rows - table.column("sample_rate").null_count
 
 
-_SUMMARY_COLUMNS = ("duration", "split", "speaker", "language", "emotion", "sample_rate")
-
-
-def _summary(clean: pa.Table, rejects: pa.Table, n_input: int, per_manifest: list[dict], cfg: CleanConfig) -> dict:
+def _summary(tally: _Tally, rejects: pa.Table, n_input: int, per_manifest: list[dict], cfg: CleanConfig) -> dict:
     counts = {r: 0 for r in REASONS}
     counts.update({str(k): int(v) for k, v in _value_counts(rejects.column("reason")).items()})
-    dur = clean.column("duration").to_numpy()
-    is_val = pc.equal(clean.column("split"), "val").to_numpy(zero_copy_only=False).astype(bool) if clean.num_rows else np.zeros(0, bool)
-    speakers = clean.column("speaker")
+    dur = np.concatenate(tally.durations) if tally.durations else np.zeros(0)
+    is_val = np.concatenate(tally.is_val) if tally.is_val else np.zeros(0, dtype=bool)
+    kept = len(dur)
     summary = {
         "input_rows": n_input,
-        "kept": clean.num_rows,
+        "kept": kept,
         "rejected": rejects.num_rows,
-        "reconciled": clean.num_rows + rejects.num_rows == n_input,
+        "reconciled": kept + rejects.num_rows == n_input,
         "rejected_by_reason": counts,
         "hours_kept": round(float(dur.sum()) / 3600, 4),
         "hours_by_split": {"train": round(float(dur[~is_val].sum()) / 3600, 4), "val": round(float(dur[is_val].sum()) / 3600, 4)},
         "utterances_by_split": {"train": int((~is_val).sum()), "val": int(is_val.sum())},
-        "speakers": pc.count_distinct(speakers).as_py() if clean.num_rows else 0,
-        "languages": _value_counts(clean.column("language")),
-        "emotions": _value_counts(clean.column("emotion")),
-        "durations_probed": clean.num_rows - clean.column("sample_rate").null_count,
-        "durations_from_manifest": clean.column("sample_rate").null_count,
+        "speakers": len(tally.speakers),
+        "languages": tally.languages,
+        "emotions": tally.emotions,
+        "durations_probed": tally.probed,
+        "durations_from_manifest": kept - tally.probed,
         "manifests": per_manifest,
     }
     if not summary["reconciled"]:  # a bug, not bad input: never write a summary that hides rows
-        raise AssertionError(f"kept {clean.num_rows} + rejected {rejects.num_rows} != input {n_input}")
+        raise AssertionError(f"kept {kept} + rejected {rejects.num_rows} != input {n_input}")
     return summary
 
 
-def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
+def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """Counts per value (null counted as "None"), in order of first appearance."""
     vc = pc.value_counts(col)
     return {str(v["values"]): int(v["counts"]) for v in vc.to_pylist()}
 

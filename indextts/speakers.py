@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -41,8 +42,11 @@ def select_speakers(cfg: SpeakersConfig, clean_parquet: str | Path, out_path: st
     Returns:
         The written document.
     """
-    table = pq.read_table(clean_parquet, columns=["speaker", "split"])
-    train = table.filter(pc.equal(table.column("split"), "train"))
+    # Both columns read dictionary-encoded (as clean.parquet stores them): the split is compared
+    # once per distinct value, not once per row.
+    table = pq.read_table(clean_parquet, columns=["speaker", "split"], read_dictionary=["speaker", "split"])
+    is_train = pa.chunked_array([pc.equal(c.dictionary, "train").take(c.indices) for c in table.column("split").chunks], type=pa.bool_())
+    train = table.filter(is_train)
     counts = pc.value_counts(train.column("speaker"))
     names = counts.field("values").to_pylist()
     freq = counts.field("counts").to_pylist()

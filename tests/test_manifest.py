@@ -148,6 +148,28 @@ def test_stable_hash_is_xxh64_of_salt_and_key():
     assert ((f >= 0) & (f < 1)).all() and 0.4 < (f < 0.5).mean() < 0.6  # roughly uniform
 
 
+def test_vectorised_xxh64_equals_the_xxhash_package():
+    # Every length from 0 to 200 bytes (all stripe/word/byte tails), multi-byte characters, a
+    # sliced array (non-zero offset), a chunked array and a salt.
+    import random
+
+    import pyarrow as pa
+    import xxhash
+
+    from indextts.manifest import stable_hash64
+
+    rnd = random.Random(7)
+    alphabet = "ab0 \x00\u1200\u1361\uac00\u00e9\U0001f600"
+    keys = [""] + ["".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 80))) for _ in range(3000)]
+    keys += ["x" * n for n in range(201)]
+    want = [xxhash.xxh64_intdigest(k.encode()) for k in keys]
+    assert stable_hash64(keys).tolist() == want
+    arr = pa.array(["pad"] + keys)
+    assert stable_hash64(arr.slice(1)).tolist() == want
+    assert stable_hash64(pa.chunked_array([arr.slice(1, 100), arr.slice(101)])).tolist() == want
+    assert stable_hash64(keys[:50], salt="s\u1200").tolist() == [xxhash.xxh64_intdigest(("s\u1200" + k).encode()) for k in keys[:50]]
+
+
 def test_duplicates_compare_resolved_paths_and_keep_paths_as_written(tmp_path):
     # One file listed four ways: plainly, through "..", through a symlink to the file and through
     # a symlinked folder. Only the first listing survives; clean.parquet keeps each kept path as
@@ -215,7 +237,18 @@ def test_spans_give_the_same_outputs_as_one_pass(tmp_path, monkeypatch):
     fracs = dict(zip(one[0]["utt_id"], M.stable_fraction(list(one[0]["utt_id"]))))
     assert val == min(fracs, key=fracs.get)
     assert set(one[1]["reason"]) == {"duplicate", "empty_text", "malformed"}
-    assert pq.ParquetFile(tmp_path / "many" / "out" / "clean.parquet").metadata.num_row_groups > 1
+    meta = pq.ParquetFile(tmp_path / "many" / "out" / "clean.parquet").metadata
+    assert meta.num_row_groups > 1
+    # summary.json's counts, gathered span by span, are the table's.
+    summary, clean = many[2], many[0]
+    assert summary["languages"] == clean["language"].value_counts().to_dict()
+    assert summary["emotions"] == {str(k): v for k, v in clean["emotion"].value_counts(dropna=False).to_dict().items()}
+    assert summary["speakers"] == clean["speaker"].nunique() and summary["kept"] == len(clean)
+    assert summary["utterances_by_split"] == {"train": int((clean.split == "train").sum()), "val": 1}
+    # The transcripts are stored uncompressed, every other column zstd.
+    codecs = {meta.schema.column(i).name: meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
+    assert {k for k, v in codecs.items() if v == "UNCOMPRESSED"} == {"text", "raw_text"}
+    assert {v for k, v in codecs.items() if k not in ("text", "raw_text")} == {"ZSTD"}
 
 
 def test_duplicate_groups_survive_hash_collisions(monkeypatch):
