@@ -68,3 +68,13 @@ def test_unknown_key_and_wrong_type_are_named_all_at_once():
     assert "clean.min_durration: unknown key" in msg
     assert "speakers.top_k: expected an integer, got 'many'" in msg
     assert "bogus: unknown section" in msg
+
+
+def test_schema_rejects_an_empty_punctuation_map_key():
+    # An empty key would match between every two characters; the schema names it.
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["text"]["punctuation_map"] = {"": "x", "!": "."}
+    with pytest.raises(jsonschema.ValidationError, match="should be non-empty|is too short"):
+        jsonschema.validate(raw, SCHEMA)
+    raw["text"]["punctuation_map"] = {"!": "."}
+    jsonschema.validate(raw, SCHEMA)
