@@ -52,10 +52,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indextts.cli import ALLOCATOR_ENV, tune_allocators  # noqa: E402
-
-tune_allocators()  # as `indextts clean-manifest` runs: before pyarrow and polars load
-
 from indextts import manifest as M  # noqa: E402
 from indextts.manifest import CleanConfig, DataConfig, clean_manifest, probe_audio, probe_many, stable_fraction  # noqa: E402
 from indextts.speakers import SpeakersConfig, select_speakers  # noqa: E402
@@ -510,8 +506,8 @@ def timed_runs(fn, repeats: int) -> tuple[list[float], list[float]]:
 
 def child_run(src: Path, manifest: Path, out_dir: Path, env: dict[str, str]) -> dict:
     """One run of ``clean_manifest`` + ``select_speakers`` from the package under ``src``, in a
-    fresh process with environment ``env`` (the allocator variables take effect only when pyarrow
-    and polars load): wall, user and system CPU seconds and peak RSS, as the child measures them."""
+    fresh process with environment ``env``: wall, user and system CPU seconds, as the child
+    measures them."""
     code = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(src)!r})
@@ -523,7 +519,7 @@ out = clean_manifest(DataConfig(manifests=({str(manifest)!r},)), TextConfig(), C
 select_speakers(SpeakersConfig(top_k={SPEAKERS.top_k}, min_utterances={SPEAKERS.min_utterances}), out.clean, {str(out_dir / "speakers.json")!r})
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({{"wall": time.perf_counter() - t, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
-                  "cpu": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, "rss_gb": r1.ru_maxrss / 2**20,
+                  "cpu": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
                   "summary": json.loads(out.summary.read_text())}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=src, env=env)
@@ -532,7 +528,7 @@ print(json.dumps({{"wall": time.perf_counter() - t, "user": r1.ru_utime - r0.ru_
 
 def baseline_run(rev: str, manifest: Path, out_dir: Path) -> dict:
     """One run of the library as it was at git revision ``rev`` (the package exported with
-    ``git archive``), in a process with the allocator settings ``indextts`` makes today."""
+    ``git archive``), in a fresh process."""
     import tarfile
     import tempfile
 
@@ -544,16 +540,6 @@ def baseline_run(rev: str, manifest: Path, out_dir: Path) -> dict:
         return child_run(tmp, manifest, out_dir, dict(os.environ))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def allocator_runs(manifest: Path, out_dir: Path, repeats: int) -> dict[str, list[dict]]:
-    """The library in fresh processes with and without ``ALLOCATOR_ENV``, alternating."""
-    plain_env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-    runs: dict[str, list[dict]] = {"with": [], "without": []}
-    for _ in range(repeats):
-        runs["without"].append(child_run(ROOT, manifest, out_dir, plain_env))
-        runs["with"].append(child_run(ROOT, manifest, out_dir, {**plain_env, **ALLOCATOR_ENV}))
-    return runs
 
 
 def compare_outputs(lib_dir: Path, ref_dir: Path, lib_summary: dict, ref_summary: dict) -> None:
@@ -646,7 +632,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", metavar="REV", help="also time the library as it was at this git revision (one run)")
     p.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     p.add_argument("--profile", type=Path, help="also write a cProfile of one library run here")
-    p.add_argument("--no-allocators", action="store_true", help="skip the runs with and without the allocator settings")
     args = p.parse_args(argv)
 
     manifest = ensure_manifest(args.rows)
@@ -696,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         ref_time = time.perf_counter() - t
         compare_outputs(lib_dir, ref_dir, lib_summary, ref_summary)
 
-    alloc = None if args.no_allocators else measured("allocators", lambda: allocator_runs(manifest, OUT / "clean-alloc", 2))
-    for r in (alloc or {}).get("with", []) + (alloc or {}).get("without", []):
+    fresh = measured("fresh", lambda: [child_run(ROOT, manifest, OUT / "clean-fresh", dict(os.environ)) for _ in range(2)])
+    for r in fresh:
         assert r["summary"] == lib_summary, "a run in a fresh process gave another summary"
 
     probe = None if args.no_probe else probe_bench(OUT / "demo")
@@ -716,8 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Command: `.venv/bin/python bench/bench_clean.py" + (f" --baseline {args.baseline}" if args.baseline else "") + "`  ",
         f"Machine: {machine()}. Other jobs share the machine: each run's 1-min load average before → after is in the table, "
-        "and wall times carry that noise (CPU seconds less so). Allocator settings as `indextts` sets them for every command "
-        f"(`indextts.cli.ALLOCATOR_ENV`): {', '.join(f'`{k}={v}`' for k, v in ALLOCATOR_ENV.items())}.",
+        "and wall times carry that noise (CPU seconds less so).",
         "",
         f"Input: synthetic JSONL, {n:,} rows ({size_mb:,.0f} MB), ~20k speakers with Zipf-like sizes, seeded and cached "
         f"under `bench/out/`; `clean.trust_durations: true`, everything else default; speakers: top {SPEAKERS.top_k} "
@@ -735,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| plain script: `json.loads` per line, NFC + whitespace collapse, the same bounds and duplicate checks, `Counter`, "
                      f"JSONL out (kept {plain['kept']:,}, {plain['speakers_selected']} speakers selected), 1 run "
                      f"| {plain['wall']:.2f} | {plain['cpu']:.1f} | {n / plain['wall']:,.0f} | {load('plain')} |")
+    fresh_runs = ", ".join(f"{r['wall']:.1f}" for r in fresh)
+    fresh_wall = statistics.median(r["wall"] for r in fresh)
+    lines.append(f"| library in a fresh process each time (`python -c`, as one `indextts clean-manifest` job runs; no warm-up), 2 runs "
+                 f"({fresh_runs}) | {fresh_wall:.2f} | {statistics.median(r['cpu'] for r in fresh):.1f} | {n / fresh_wall:,.0f} | {load('fresh')} |")
     if base:
         lines.append(f"| the library at `{args.baseline}` (before this rework), 1 run | {base['wall']:.2f} | {base['cpu']:.1f} | {n / base['wall']:,.0f} | {load('baseline')} |")
     if ref_time is not None:
@@ -764,13 +752,6 @@ def main(argv: list[str] | None = None) -> int:
                      ("speakers", "speakers: `select_speakers` (reads clean.parquet)"),
                      ("rest", "rest: what no stage above covers")):
         lines.append(f"| {label} | {stages.get(k, 0.0):.2f} |")
-    if alloc:
-        lines += ["", f"The allocator settings, measured in fresh processes (2 runs each, alternating; load {load('allocators')}):", "",
-                  "| `ALLOCATOR_ENV` | wall (s) | user CPU (s) | system CPU (s) | peak RSS (GB) |", "|---|---:|---:|---:|---:|"]
-        for key, label in (("without", "unset (the libraries' defaults)"), ("with", "set (as `indextts` runs)")):
-            rs = alloc[key]
-            col = lambda f: ", ".join(f"{r[f]:.1f}" for r in rs)  # noqa: E731
-            lines.append(f"| {label} | {col('wall')} | {col('user')} | {col('sys')} | {col('rss_gb')} |")
     if probe:
         lines += [
             "",

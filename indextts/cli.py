@@ -8,7 +8,6 @@ builds its own argparse parser.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from indextts.config import ConfigError
@@ -44,21 +43,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-# Allocator settings for Arrow (mimalloc) and polars (jemalloc), read when those libraries load.
-# By default both hand freed memory back to the kernel within milliseconds, and the next large
-# buffer faults it in again, page by page: cleaning a 3M-row manifest spent 4-5 of its ~30
-# CPU-seconds in the kernel doing that. These settings return it lazily instead (MADV_FREE: the
-# kernel takes the pages back when it needs them), so buffers of the same size reuse them.
-# A variable already set in the environment wins.
-ALLOCATOR_ENV = {"MIMALLOC_PURGE_DECOMMITS": "0", "_RJEM_MALLOC_CONF": "muzzy_decay_ms:-1"}
-
-
-def tune_allocators() -> None:
-    """Apply :data:`ALLOCATOR_ENV`; call before pyarrow or polars is first imported."""
-    for key, value in ALLOCATOR_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -73,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"indextts: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    tune_allocators()
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "cli_" + name.replace("-", "_"))
     try:

@@ -46,29 +46,3 @@ def test_conda_env_python_matches_the_lock_and_the_package_is_installed_after_th
     assert text.startswith("#!") and "--no-deps -e" in text and "INDEXTTS_SOURCE" in text
     assert "INDEXTTS_SOURCE=" in (REPO / "rules" / "common.smk").read_text()
 
-
-def test_cli_sets_allocator_defaults_before_the_command_module_loads_and_keeps_the_users():
-    # The settings only take effect if they are in the environment when pyarrow and polars load,
-    # i.e. in a fresh `indextts` process before the command's module is imported.
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from indextts.cli import ALLOCATOR_ENV
-
-    code = (
-        "import json, os, sys\n"
-        "from indextts import cli\n"
-        "assert 'pyarrow' not in sys.modules and 'polars' not in sys.modules\n"
-        "cli.tune_allocators()\n"
-        "print(json.dumps({k: os.environ.get(k) for k in cli.ALLOCATOR_ENV}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO).stdout
-    assert json.loads(out) == ALLOCATOR_ENV
-    env["_RJEM_MALLOC_CONF"] = "narenas:1"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO).stdout
-    assert json.loads(out)["_RJEM_MALLOC_CONF"] == "narenas:1"
-    src = (REPO / "indextts" / "cli.py").read_text()
-    assert src.index("tune_allocators()\n    module = importlib.import_module") > 0
