@@ -52,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmarks_md import write_section  # noqa: E402
 from indextts import manifest as M  # noqa: E402
 from indextts.manifest import CleanConfig, DataConfig, clean_manifest, probe_audio, probe_many, stable_fraction  # noqa: E402
 from indextts.speakers import SpeakersConfig, select_speakers  # noqa: E402
@@ -606,22 +607,6 @@ def machine() -> str:
     return f"`nproc` = {os.cpu_count() if not hasattr(os, 'sched_getaffinity') else len(os.sched_getaffinity(0))}, {model}, {mem} RAM, Python {platform.python_version()}"
 
 
-def write_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + block + rest.split(END, 1)[1].lstrip("\n")
-    elif ANCHOR in doc:
-        doc = doc.replace(ANCHOR, ANCHOR + "\n" + block, 1)
-    else:
-        raise SystemExit(f"{path}: the anchor {ANCHOR} is missing; put it back where this section belongs")
-    tmp = path.with_name(".BENCHMARKS.md.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3_000_000)
@@ -768,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write and args.rows == 3_000_000:
-        write_benchmarks_md(section)
+        write_section(f"{BEGIN}\n{section.rstrip()}\n{END}", BEGIN, END, anchor=ANCHOR)
     return 0
 
 

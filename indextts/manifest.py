@@ -39,7 +39,6 @@ import itertools
 import json
 import mmap
 import os
-import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -261,7 +260,6 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
     results: list[cf.Future] = []
     with _jsonl_blocks(path) as blocks, cf.ThreadPoolExecutor(max_workers=workers) as pool:
         window: collections.deque[cf.Future] = collections.deque()
-        data = None
         for data in blocks:
             fut = pool.submit(_parse_block, data, fmt)
             results.append(fut)
@@ -269,7 +267,7 @@ def _read_jsonl(path: Path, mapping: dict[str, str]) -> tuple[pa.Table, list[dic
             if len(window) > 4 * workers:  # bound the parsed blocks waiting in memory
                 window.popleft().result()
         parsed = [fut.result() for fut in results]  # before the file's mapping closes
-        del data, window, results  # no view of the mapping may outlive it (Arrow copied the values)
+        data = None  # the last block's view must not outlive the mapping (Arrow copied the values)
     # Blocks number their lines from 1; shift them by the lines of the blocks before.
     tables: list[pa.Table] = []
     malformed: list[dict] = []

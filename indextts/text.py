@@ -139,10 +139,13 @@ def normalize_array(texts: pa.Array | pa.ChunkedArray, cfg: TextConfig) -> pa.Ar
         # The plain route takes every row, the other rows and null rows blanked: the other rows
         # may hold U+0000, which joins rows into blocks there, and take every step on their own.
         mask = other.to_arrow()
-        blank = pc.or_(mask, pc.is_null(arr)) if arr.null_count else mask
-        out = _plain_steps(pc.if_else(blank, pa.scalar("", arr.type), arr) if n_other or arr.null_count else arr, cfg)
+        if n_other or arr.null_count:  # one copy blanks both
+            arr_plain = pc.if_else(pc.or_(mask, pc.is_null(arr)), pa.scalar("", arr.type), arr)
+        else:
+            arr_plain = arr
+        out = _plain_steps(arr_plain, cfg)
         if arr.null_count:
-            out = _nulls_of(arr, out)
+            out = pc.if_else(pc.is_valid(arr), out, pa.scalar(None, out.type))
         if n_other:
             full = _language_steps(_unicode_steps(arr.filter(mask), cfg), cfg, ascii_case=False)
             out = pc.replace_with_mask(out, mask, full.cast(out.type))
@@ -197,7 +200,7 @@ def _plain_steps(arr: pa.Array, cfg: TextConfig) -> pa.Array:
     """
     rules = language_rules(cfg.language)
     steps = [_polars_step(rule) for rule in rules]
-    steps += [(src, dst, True) for src, dst in _user_map(cfg)]  # literal
+    steps += [_literal_step(src, dst) for src, dst in _user_map(cfg)]
     steps.append(_polars_step(_SPACE_RUNS))
     blocks = all(rule.blockwise for rule in rules) and not any(_ROW_SEPARATOR in src + dst for src, dst in _user_map(cfg))
     flat = arr.cast(pa.string())
@@ -217,27 +220,23 @@ def _plain_steps(arr: pa.Array, cfg: TextConfig) -> pa.Array:
     return pc.utf8_trim_whitespace(out)
 
 
-def _nulls_of(arr: pa.Array, out: pa.Array) -> pa.Array:
-    """``out`` with null where ``arr`` is null: ``arr``'s validity bitmap put on ``out``'s
-    strings, which are not copied."""
-    valid = pc.is_valid(arr)
-    if out.offset or valid.offset or out.null_count:
-        return pc.if_else(valid, out, pa.scalar(None, out.type))
-    return pa.Array.from_buffers(out.type, len(out), [valid.buffers()[1], *out.buffers()[1:]], arr.null_count)
-
-
 def _polars_step(rule: Rule) -> tuple[str, str, bool]:
-    """``(pattern, replacement, literal)`` for polars' ``str.replace_all``.
-
-    A literal of one non-ASCII character is written as a one-character class: polars searches
-    for a literal with a substring finder whose byte heuristics fail on Ge'ez text (every
-    character starts with the same lead byte), at about half the speed of the regex engine.
-    """
+    """``(pattern, replacement, literal)`` for polars' ``str.replace_all``."""
     if _is_literal(rule):
-        if len(rule.pattern) == 1 and ord(rule.pattern) > 127:
-            return f"[{rule.pattern}]", _rust_replacement(rule.replacement), False
-        return rule.pattern, rule.replacement, True
+        return _literal_step(rule.pattern, rule.replacement)
     return rule.pattern, _rust_replacement(rule.replacement), False
+
+
+def _literal_step(src: str, dst: str) -> tuple[str, str, bool]:
+    """A literal replacement (a rule's or the user's map's) for polars' ``str.replace_all``.
+
+    One non-ASCII character is written as a one-character class: polars searches for a literal
+    with a substring finder whose byte heuristics fail on Ge'ez text (every character starts
+    with the same lead byte), at about half the speed of the regex engine.
+    """
+    if len(src) == 1 and ord(src) > 127:
+        return f"[{src}]", dst.replace("$", "$$"), False
+    return src, dst, True
 
 
 def _ascii_case_exact(cfg: TextConfig) -> bool:
