@@ -583,27 +583,59 @@ def resolve_paths(paths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Arr
 
     Works per distinct folder: each is resolved once (its parents with it, see
     :func:`_resolve_folder`) and listed once for symlinked files, so 3M files in 20k folders
-    cost some 20k ``lstat`` and ``readdir`` calls, not 3M ``realpath`` calls. Returns ``paths``
-    itself when no path changes.
+    cost some 20k ``lstat`` and ``readdir`` calls, not 3M ``realpath`` calls. The rows are taken
+    in slices of ``_RESOLVE_ROWS``, so the split paths in flight stay a few tens of MB instead of
+    ~0.5 GB for 3M paths. Returns ``paths`` itself when no path changes.
 
     Args:
         paths: absolute paths, no nulls.
     """
-    flat = _flat(paths)
-    if not len(flat):
+    folders = _Folders()
+    out, changed = [], False
+    for a in range(0, len(paths), _RESOLVE_ROWS):
+        part = paths.slice(a, _RESOLVE_ROWS)
+        flat = _flat(part)
+        real = _resolve_slice(flat, folders)
+        if real is flat:  # keep the slice, not its copy in one piece
+            out += part.chunks if isinstance(part, pa.ChunkedArray) else [part]
+        else:
+            out.append(real)
+            changed = True
+    if not changed:
         return paths
+    resolved = pa.chunked_array(out, type=pa.string())
+    return resolved if isinstance(paths, pa.ChunkedArray) else resolved.combine_chunks()
+
+
+# Rows per slice in resolve_paths.
+_RESOLVE_ROWS = 1 << 18
+
+
+@dataclass
+class _Folders:
+    """What :func:`resolve_paths` learns about folders, kept across its slices."""
+
+    real: dict[str, str] = field(default_factory=dict)  # folder as written -> resolved (and each parent)
+    links: dict[str, frozenset[str]] = field(default_factory=dict)  # resolved folder -> its symlinked names
+
+
+def _resolve_slice(flat: pa.Array, folders: _Folders) -> pa.Array:
+    """:func:`resolve_paths` for one slice of rows; ``flat`` itself when nothing changes."""
+    if not len(flat):
+        return flat
     parts = pc.split_pattern(flat, "/", max_splits=1, reverse=True)
-    folders = pc.dictionary_encode(pc.list_element(parts, 0))
-    codes = folders.indices.to_numpy(zero_copy_only=False)
-    cache: dict[str, str] = {}
-    written = [f or "/" for f in folders.dictionary.to_pylist()]
-    real = [_resolve_folder(f, cache) for f in written]
-    links = {r: _symlinked_names(r) for r in set(real)}
-    one_by_one = np.array([bool(links[r]) for r in real], dtype=bool)[codes]  # a symlinked file may be among them
+    encoded = pc.dictionary_encode(pc.list_element(parts, 0))
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    written = [f or "/" for f in encoded.dictionary.to_pylist()]
+    real = [_resolve_folder(f, folders.real) for f in written]
+    for r in real:
+        if r not in folders.links:
+            folders.links[r] = _symlinked_names(r)
+    one_by_one = np.array([bool(folders.links[r]) for r in real], dtype=bool)[codes]  # a symlinked file may be among them
     for tail in ("/", "/.", "/.."):  # names that are no file name
         one_by_one |= pc.ends_with(flat, tail).to_numpy(zero_copy_only=False)
     if real == written and not one_by_one.any():
-        return paths
+        return flat
     names = pc.list_element(parts, 1)
     real_dirs = pa.array([r.rstrip("/") for r in real], type=pa.string()).take(pa.array(codes))  # "" + "/" + name for the root
     out = pc.binary_join_element_wise(real_dirs, names, "/")
@@ -612,10 +644,10 @@ def resolve_paths(paths: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Arr
         fixed = []
         for i, name, path in zip(rows.tolist(), names.take(pa.array(rows)).to_pylist(), flat.take(pa.array(rows)).to_pylist()):
             folder = real[codes[i]]
-            whole = name in ("", ".", "..") or name in links[folder]
+            whole = name in ("", ".", "..") or name in folders.links[folder]
             fixed.append(os.path.realpath(path) if whole else folder.rstrip("/") + "/" + name)
         out = pc.replace_with_mask(out, pa.array(one_by_one), pa.array(fixed, type=pa.string()))
-    return pa.chunked_array([out]) if isinstance(paths, pa.ChunkedArray) else out
+    return out
 
 
 def _resolve_folder(path: str, cache: dict[str, str]) -> str:
@@ -655,8 +687,8 @@ def _groups(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """
     import pandas as pd
 
-    flat = _flat(keys)
-    codes = pd.factorize(_hash64(flat))[0].astype(np.int64)  # numbered in order of first appearance
+    # A chunked array is hashed and gathered from chunk by chunk, never first copied into one piece.
+    codes = pd.factorize(_hash64(keys))[0].astype(np.int64)  # numbered in order of first appearance
     if not len(codes):
         return codes
     top = np.maximum.accumulate(codes)
@@ -664,21 +696,22 @@ def _groups(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
     first = np.flatnonzero(is_first)  # first[c]: the first row of group c
     later = np.flatnonzero(~is_first)
     if len(later):
-        same = pc.equal(flat.take(pa.array(later)), flat.take(pa.array(first[codes[later]]))).to_numpy(zero_copy_only=False)
+        series = pl.from_arrow(keys, rechunk=False)  # polars gathers from chunks; Arrow's take would join them first
+        same = (series.gather(later) == series.gather(first[codes[later]])).to_numpy()
         if not same.all():
             rows = np.flatnonzero(np.isin(codes, np.unique(codes[later[~same]])))
             first_key: dict[int, str] = {}
             split: dict[tuple[int, str], int] = {}
-            for i, c, k in zip(rows.tolist(), codes[rows].tolist(), flat.take(pa.array(rows)).to_pylist()):
+            for i, c, k in zip(rows.tolist(), codes[rows].tolist(), series.gather(rows).to_list()):
                 if first_key.setdefault(c, k) != k:
                     codes[i] = split.setdefault((c, k), len(codes) + len(split))
     return codes
 
 
-def _hash64(keys: pa.Array) -> np.ndarray:
+def _hash64(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A 64-bit hash per string (polars' hash: fast, but its values may change between polars
     versions, so it only groups rows within one run; the split uses :func:`stable_hash64`)."""
-    return pl.from_arrow(keys).hash(seed=0).to_numpy()
+    return pl.from_arrow(keys, rechunk=False).hash(seed=0).to_numpy()
 
 
 def _flat(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -738,15 +771,16 @@ class _Rows:
     """Step 1's result: every parsed row of every manifest."""
 
     table: pa.Table  # manifest (dictionary-encoded path), row (1-based), the canonical fields
-    audio_path: pa.ChunkedArray  # the absolute audio path of each row, as written
+    folders: list[tuple[str, int]]  # (folder, parsed rows) of each manifest: relative audio paths start there
     malformed: list[dict]  # {manifest, row, reason, detail} for lines that could not be parsed
     manifests: list[dict]  # {path, rows, malformed} per manifest, for summary.json
 
 
 @dataclass(frozen=True)
 class _Keys:
-    """What the duplicate check compares, for every row."""
+    """The absolute audio paths, and what the duplicate check compares, for every row."""
 
+    audio_path: pa.ChunkedArray  # the absolute audio path of each row, as written
     utt_id: pa.ChunkedArray  # the given id, or the audio path without its extension
     id_group: np.ndarray | None  # equal numbers for equal utt_ids (None: clean.drop_duplicates off)
     file_group: np.ndarray | None  # equal numbers for paths that resolve to the same file
@@ -819,9 +853,9 @@ def clean_manifest(
                     verdict = check.span(a, b, span_texts)
                     clean.add(_kept_rows(rows, check.keys, a, b, span_texts, verdict))
                 clean.finish()
+                rejects = check.rejects()  # while the last row groups are being written
             finally:
                 clean.close()  # every row group written (or failed) before the writer closes
-    rejects = check.rejects()
     write_parquet(rejects, out.rejects)
     summary = _summary(clean.tally, rejects, rows.table.num_rows + len(rows.malformed), rows.manifests, clean_cfg)
     write_json(out.summary, summary)
@@ -833,29 +867,34 @@ def clean_manifest(
 
 def _read(specs: Sequence[ManifestSpec], columns: Columns, default_language: str) -> _Rows:
     """Step 1: read every manifest (:func:`read_manifest`) and concatenate them."""
-    tables, paths, malformed, manifests = [], [], [], []
+    tables, folders, malformed, manifests = [], [], [], []
     for spec in specs:
         table, bad = read_manifest(spec, columns, default_language)
         tables.append(table)
-        paths += _absolute_paths(pc.fill_null(table.column("audio"), ""), str(Path(spec.path).resolve().parent)).chunks
+        folders.append((str(Path(spec.path).resolve().parent), table.num_rows))
         malformed += [{"manifest": str(spec.path), "row": b["row"], "reason": "malformed", "detail": b["detail"]} for b in bad]
         manifests.append({"path": str(spec.path), "rows": table.num_rows + len(bad), "malformed": len(bad)})
-    return _Rows(pa.concat_tables(tables), pa.chunked_array(paths, type=pa.string()), malformed, manifests)
+    return _Rows(pa.concat_tables(tables), folders, malformed, manifests)
 
 
 def _keys(rows: _Rows, cfg: CleanConfig) -> _Keys:
-    """utt_ids for every row, and the groups the duplicate check compares."""
+    """Absolute audio paths and utt_ids for every row, and the groups the duplicate check
+    compares. Runs in the pool, beside the first spans' normalisation."""
+    audio = pc.fill_null(rows.table.column("audio"), "")
+    starts = itertools.accumulate([n for _, n in rows.folders], initial=0)
+    audio_path = pa.chunked_array(
+        [c for (folder, n), a in zip(rows.folders, starts) for c in _absolute_paths(audio.slice(a, n), folder).chunks], type=pa.string()
+    )
     ids_given = rows.table.column("id")
     no_id = _blank(ids_given)
     utt_id = ids_given
     if no_id.any():  # derive the id from the audio path without its extension
-        audio = pc.fill_null(rows.table.column("audio"), "")
         derived = pc.replace_substring_regex(audio.filter(pa.array(no_id)), pattern=r"\.[A-Za-z0-9]+$", replacement="")
         utt_id = pa.chunked_array([pc.replace_with_mask(pc.fill_null(_flat(ids_given), ""), pa.array(no_id), _flat(derived))])
     if not cfg.drop_duplicates:
-        return _Keys(utt_id, None, None, None)
-    resolved = resolve_paths(rows.audio_path)
-    return _Keys(utt_id, _groups(utt_id), _groups(resolved), resolved)
+        return _Keys(audio_path, utt_id, None, None, None)
+    resolved = resolve_paths(audio_path)
+    return _Keys(audio_path, utt_id, _groups(utt_id), _groups(resolved), resolved)
 
 
 def _normalise(raw: pa.Array, cfg: TextConfig) -> _Texts:
@@ -962,7 +1001,7 @@ class _Check:
                     out.append(f"utt_id already seen in an earlier row ({self._where(int(earlier['utt_id'][p]))})")
                 else:
                     first, this = int(earlier["file"][p]), int(rows[p])
-                    written = self.rows.audio_path[first].as_py(), self.rows.audio_path[this].as_py()
+                    written = self.keys.audio_path[first].as_py(), self.keys.audio_path[this].as_py()
                     same = "" if written[0] == written[1] else f"; both are {self.keys.resolved[this].as_py()}"
                     out.append(f"audio file already listed in an earlier row ({self._where(first)}{same})")
             return out
@@ -981,7 +1020,7 @@ class _Check:
         channels = np.zeros(n, dtype=np.int64)
         need = (code < 0) & (~np.isfinite(duration) if self.cfg.trust_durations else True)
         idx = np.flatnonzero(need)
-        paths = _flat(self.rows.audio_path.slice(a, n)).take(pa.array(idx)).to_pylist() if len(idx) else []
+        paths = _flat(self.keys.audio_path.slice(a, n)).take(pa.array(idx)).to_pylist() if len(idx) else []
         if paths and self.bar is None:
             from tqdm import tqdm
 
@@ -1040,7 +1079,7 @@ def _kept_rows(rows: _Rows, keys: _Keys, a: int, b: int, texts: _Texts, verdict:
     probed = verdict.sample_rate[keep] > 0
     columns = {
         "utt_id": keys.utt_id.slice(a, b - a).filter(mask),
-        "audio_path": rows.audio_path.slice(a, b - a).filter(mask),
+        "audio_path": keys.audio_path.slice(a, b - a).filter(mask),
         "text": texts.text.filter(mask),
         "raw_text": span.column("text").filter(mask),
         "speaker": span.column("speaker").filter(mask),
@@ -1064,8 +1103,9 @@ class _CleanFile:
     been seen and that can no longer happen.
     """
 
-    # Row groups handed to the writing thread and not yet written: bounds the memory they hold.
-    _PENDING = 2
+    # Row groups handed to the writing thread and not yet written: bounds the memory they hold,
+    # and what is left to write once the last span is checked.
+    _PENDING = 1
 
     def __init__(self, writer: pq.ParquetWriter, cfg: CleanConfig):
         self.writer, self.cfg = writer, cfg

@@ -198,7 +198,8 @@ def test_duplicates_compare_resolved_paths_and_keep_paths_as_written(tmp_path):
     assert summary["rejected_by_reason"]["duplicate"] == 4
 
 
-def test_resolve_paths_is_realpath(tmp_path):
+def test_resolve_paths_is_realpath(tmp_path, monkeypatch):
+    from indextts import manifest as M
     from indextts.manifest import resolve_paths
 
     (tmp_path / "real" / "sub").mkdir(parents=True)
@@ -212,9 +213,18 @@ def test_resolve_paths_is_realpath(tmp_path):
         "missing/x.wav", "real/missing/../f.wav", "up/../sub/../../real/f.wav", "real/", "real/sub/..",
     ]
     arr = pa.chunked_array([[str(tmp_path / p) for p in paths[:5]], [str(tmp_path / p) for p in paths[5:]]])
-    assert resolve_paths(arr).to_pylist() == [os.path.realpath(tmp_path / p) for p in paths]
+    want = [os.path.realpath(tmp_path / p) for p in paths]
+    assert resolve_paths(arr).to_pylist() == want
     plain = pa.chunked_array([[str(tmp_path / "real" / "sub" / "g.wav")]])  # a folder without links
     assert resolve_paths(plain) is plain  # nothing to resolve: the same array back
+    # Rows are resolved in slices; slices across chunk ends, some with nothing to change, give the same.
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(M, "_RESOLVE_ROWS", rows)
+        assert resolve_paths(arr).to_pylist() == want
+        got = resolve_paths(arr.combine_chunks())
+        assert isinstance(got, pa.Array) and got.to_pylist() == want
+        tidy = pa.chunked_array([[str(tmp_path / "real" / "sub" / "g.wav")] * 2, [str(tmp_path / "real" / "sub" / "g.wav")]])
+        assert resolve_paths(tidy) is tidy
 
 
 def test_spans_give_the_same_outputs_as_one_pass(tmp_path, monkeypatch):
@@ -257,6 +267,7 @@ def test_duplicate_groups_survive_hash_collisions(monkeypatch):
 
     keys = pa.chunked_array([["a", "b", "a", "c"], ["b", "d", "a"]])
     want = M._groups(keys)
+    assert M._groups(keys.combine_chunks()).tolist() == want.tolist()  # chunks are gathered from, not joined
     monkeypatch.setattr(M, "_hash64", lambda arr: np.zeros(len(arr), dtype=np.uint64))
     got = M._groups(keys)
     assert want.tolist() == [0, 1, 0, 2, 1, 3, 0]
