@@ -20,6 +20,9 @@ audio-header probing throughput.
      Python loop, a ``Counter``, pandas to Parquet), asserted to keep and reject exactly the same
      rows for the same reasons, with the same split and speakers.
    ``--baseline REV`` also times the library as it was at a git revision (before/after).
+   The library runs with the environment ``indextts clean-manifest`` gives itself
+   (``indextts.cli.COMMAND_ENV``), in this process and in the fresh ones; the baseline runs with
+   the environment as it was.
 4. Times ``probe_many`` over the demo corpus wavs with 1, 4 and 8 threads.
 5. Prints a Markdown section and writes it below the ``prepare benchmarks`` anchor of
    BENCHMARKS.md (replacing what an earlier run of this script wrote there). Each timed run
@@ -51,6 +54,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# The library runs here as `indextts clean-manifest` runs it: with that command's environment
+# (indextts.cli.COMMAND_ENV), set before polars loads. Runs of other code get the environment as
+# it was.
+ENV_BEFORE = dict(os.environ)
+from indextts.cli import apply_command_env  # noqa: E402
+
+apply_command_env("clean-manifest")
 
 from bench.benchmarks_md import write_section  # noqa: E402
 from indextts import manifest as M  # noqa: E402
@@ -501,12 +512,13 @@ def empty_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def timed_runs(fn, repeats: int, out_dir: Path) -> tuple[list[float], list[float]]:
+def timed_runs(fn, repeats: int, out_dir: Path | None = None) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds (all threads of this process) of ``repeats`` calls, each into an
-    emptied ``out_dir``."""
+    emptied ``out_dir`` when one is given."""
     wall, cpu = [], []
     for _ in range(repeats):
-        empty_dir(out_dir)
+        if out_dir is not None:
+            empty_dir(out_dir)
         t, c = time.perf_counter(), time.process_time()
         fn()
         wall.append(time.perf_counter() - t)
@@ -521,6 +533,11 @@ def child_run(src: Path, manifest: Path, out_dir: Path, env: dict[str, str]) -> 
     code = f"""
 import json, resource, sys, time
 sys.path.insert(0, {str(src)!r})
+try:  # the command's environment, as the CLI sets it (a revision from before COMMAND_ENV has none)
+    from indextts.cli import apply_command_env
+    apply_command_env("clean-manifest")
+except ImportError:
+    pass
 from indextts.manifest import CleanConfig, DataConfig, clean_manifest
 from indextts.speakers import SpeakersConfig, select_speakers
 from indextts.text import TextConfig
@@ -548,7 +565,7 @@ def baseline_run(rev: str, manifest: Path, out_dir: Path) -> dict:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "indextts"], capture_output=True, check=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
-        return child_run(tmp, manifest, out_dir, dict(os.environ))
+        return child_run(tmp, manifest, out_dir, ENV_BEFORE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_time = time.perf_counter() - t
         compare_outputs(lib_dir, ref_dir, lib_summary, ref_summary)
 
-    fresh = measured("fresh", lambda: [child_run(ROOT, manifest, OUT / "clean-fresh", dict(os.environ)) for _ in range(2)])
+    fresh = measured("fresh", lambda: [child_run(ROOT, manifest, OUT / "clean-fresh", ENV_BEFORE) for _ in range(3)])
     for r in fresh:
         assert r["summary"] == lib_summary, "a run in a fresh process gave another summary"
 
@@ -720,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {plain['wall']:.2f} | {plain['cpu']:.1f} | {n / plain['wall']:,.0f} | {load('plain')} |")
     fresh_runs = ", ".join(f"{r['wall']:.1f}" for r in fresh)
     fresh_wall = statistics.median(r["wall"] for r in fresh)
-    lines.append(f"| library in a fresh process each time (`python -c`, as one `indextts clean-manifest` job runs; no warm-up), 2 runs "
+    lines.append(f"| library in a fresh process each time (`python -c` with the command's environment, as one `indextts clean-manifest` job runs; no warm-up), {len(fresh)} runs "
                  f"({fresh_runs}) | {fresh_wall:.2f} | {statistics.median(r['cpu'] for r in fresh):.1f} | {n / fresh_wall:,.0f} | {load('fresh')} |")
     if base:
         lines.append(f"| the library at `{args.baseline}` (before this rework), 1 run | {base['wall']:.2f} | {base['cpu']:.1f} | {n / base['wall']:,.0f} | {load('baseline')} |")
@@ -744,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Library stages (one instrumented run, {stage_total:.2f} s wall; stages overlap: spans are normalised in the "
               "thread pool while earlier spans are checked and written):", "", "| stage | wall (s) |", "|---|---:|"]
     for k, label in (("read", "read: JSONL → Arrow, blocks parsed in parallel, bad lines isolated by bisection"),
-                     ("keys", "keys: utt_ids, resolved audio paths, duplicate groups (in the pool, beside the first spans)"),
+                     ("keys", "keys: absolute and resolved audio paths, utt_ids, duplicate groups (in the pool, beside the first spans)"),
                      ("normalise", "normalise: `text.normalize_array` (polars for plain rows) + lengths + mojibake, spans in the pool"),
                      ("check", "check: fields, duplicates, durations, bounds, chars/s, span by span"),
                      ("write", "write: clean.parquet row groups (in a thread of their own; transcripts uncompressed, the rest zstd), rejects.parquet, summary"),
