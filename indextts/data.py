@@ -169,6 +169,7 @@ class CodesDataset(torch.utils.data.Dataset):
             raise DataError(f"emo_prompt must be 'reference' or 'target', got {emo_prompt!r}")
         self.emo_prompt = emo_prompt
         self.speaker_map = dict(speakers) if speakers is not None else None
+        self.max_ref_seconds = max_ref_seconds
         self.max_ref_samples = int(max_ref_seconds * features.sample_rate)
         self._shards = [read_shard_codes(Path(p)) for p in shards]
         for sh in self._shards:
@@ -248,6 +249,8 @@ class CodesDataset(torch.utils.data.Dataset):
         self.text_lengths = np.diff(self._tok_off)
         # speaker -> positions, for reference choice
         self._by_speaker = {spk: np.asarray(g, dtype=np.int64) for spk, g in self.meta.groupby("speaker", sort=False).indices.items()}
+        if features.kind == "w2v_bert":
+            self._prompt_store()  # a missing, mismatched or too short store fails here, not in a loader worker
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -278,22 +281,38 @@ class CodesDataset(torch.utils.data.Dataset):
             # semantic codes themselves; read back from codes/features/ beside the shards.
             from indextts.features import W2V_BERT_HOP, PromptFeatureStore
 
-            if getattr(self, "_prompts", None) is None:
-                try:
-                    self._prompts = PromptFeatureStore.beside([sh.path for sh in self._shards])
-                except (FileNotFoundError, ValueError) as e:
-                    raise DataError(str(e)) from None
-                if self._prompts.dim != self.features.dim:
-                    raise DataError(f"{self._prompts.paths[0]}: stored features are {self._prompts.dim}-dim, the model "
-                                    f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
             rng = np.random.default_rng((self.seed, epoch, *salt))
-            return self._prompts.crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
+            return self._prompt_store().crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
         wave = load_audio(self.meta.at[j, "audio_path"], self.features.sample_rate)
         if wave.shape[0] > self.max_ref_samples:
             rng = np.random.default_rng((self.seed, epoch, *salt))
             start = int(rng.integers(wave.shape[0] - self.max_ref_samples + 1))
             wave = wave[start : start + self.max_ref_samples]
         return log_mel(wave, self.features)
+
+    def _prompt_store(self):
+        """The w2v-BERT prompt features extraction stored beside the shards, opened once and checked
+        against what this dataset reads: the feature width and the crop length."""
+        if getattr(self, "_prompts", None) is None:
+            from indextts.features import PromptFeatureStore
+
+            try:
+                store = PromptFeatureStore.beside([sh.path for sh in self._shards])
+            except (FileNotFoundError, ValueError) as e:
+                raise DataError(str(e)) from None
+            if store.dim != self.features.dim:
+                raise DataError(f"{store.paths[0]}: stored features are {store.dim}-dim, the model "
+                                f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
+            asked = self.max_ref_seconds
+            if store.max_ref_seconds is not None and asked > store.max_ref_seconds + 1e-9:
+                raise DataError(
+                    f"{store.paths[0]}: prompt crops of {asked:g} s are asked for (train.max_ref_seconds, or "
+                    f"validate.max_ref_seconds when validating), but the stored features hold at most "
+                    f"{store.max_ref_seconds:g} s per utterance (features.max_ref_seconds at extraction): raise "
+                    "features.max_ref_seconds and re-extract the codes, or lower the crop"
+                )
+            self._prompts = store
+        return self._prompts
 
     def reference_features(self, i: int, epoch: int | None = None) -> torch.Tensor:
         """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""

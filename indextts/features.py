@@ -560,6 +560,7 @@ class PromptFeatureStore:
         self.paths = [Path(p) for p in paths]
         self._where: dict[str, tuple[int, int, int]] = {}
         dims, self.meta = set(), {}
+        stored: list[float | None] = []
         for k, p in enumerate(self.paths):
             if not p.is_file():
                 raise FileNotFoundError(
@@ -572,6 +573,7 @@ class PromptFeatureStore:
                 raise ValueError(f"{p}: not a prompt features file (no {FEATURES_META_KEY.decode()} schema metadata)")
             self.meta = json.loads(raw)
             dims.add(int(self.meta["dim"]))
+            stored.append(self.meta.get("max_ref_seconds"))
             ids = pf.read(columns=["utt_id"]).column("utt_id").to_pylist()
             r = 0
             for g in range(pf.num_row_groups):
@@ -581,6 +583,8 @@ class PromptFeatureStore:
         if len(dims) > 1:
             raise ValueError(f"prompt features of different widths {sorted(dims)} in {[str(p) for p in self.paths]}")
         self.dim = dims.pop() if dims else 0
+        # The longest crop every file stores (features.max_ref_seconds at extraction); None if unknown.
+        self.max_ref_seconds: float | None = None if not stored or None in stored else float(min(stored))
         self._files: dict[int, Any] = {}
         self._cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 

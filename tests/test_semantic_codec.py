@@ -214,7 +214,7 @@ def test_validation_and_a_short_stage1_run_on_semantic_codes(tmp_path):
 
     from indextts.codec import CodecConfig
     from indextts.codes import CodesConfig, extract_codes, index_codes, read_shard_codes, shard_file_name
-    from indextts.data import CodesDataset
+    from indextts.data import CodesDataset, DataError
     from indextts.features import FeatureConfig, PromptFeaturesConfig, features_path_for
     from indextts.semantic_codec import TINY_CODEC, TINY_W2V_BERT, make_tiny_semantic
     from indextts.train import StageInputs, train_stage
@@ -263,6 +263,11 @@ def test_validation_and_a_short_stage1_run_on_semantic_codes(tmp_path):
     cond = item["cond_feats"]
     assert cond.shape[0] == min(25, stored.shape[0]) and cond.shape[1] == 32
     assert any(torch.equal(cond, stored[s : s + len(cond)]) for s in range(stored.shape[0] - len(cond) + 1))
+    # Crops longer than extraction stored are a configuration error that names both keys, raised
+    # when the dataset is made, not prompts silently shorter than train.max_ref_seconds.
+    with pytest.raises(DataError, match=r"crops of 2 s .*train.max_ref_seconds.*at most 1 s .*features.max_ref_seconds"):
+        CodesDataset(shards, bpe_path=corpus["bpe"], features=FeatureConfig(**features), clean_path=corpus["clean"],
+                     max_ref_seconds=2.0)
 
     train = {"seed": 0, "device": "cpu", "max_tokens": 700, "max_batch_size": 8, "num_workers": 0, "log_every": 1,
              "val_every": 2, "state_every": 2, "progress": "lines", "max_ref_seconds": 1.0,
