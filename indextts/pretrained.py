@@ -107,7 +107,7 @@ def cli_import_gpt(argv: list[str]) -> int:
     p.add_argument("--old-bpe", help="the official bpe.model, so text rows move by piece string (default: pretrained.bpe)")
     p.add_argument("--bpe", required=True, help="our bpe.model")
     p.add_argument("--config", required=True, help="config file or inline JSON with the model/text/codec sections")
-    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: --codes-index, else the codec section's weights)")
+    p.add_argument("--codebook-size", type=int, help="codec codebook size (default: --codes-index, else the codec section's weights, DAC or semantic)")
     p.add_argument("--codes-index", help="results/codes/index.json, to take the codebook size and count the codes were made with")
     p.add_argument("--out-dir", required=True, help="checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of what does not load")
@@ -123,8 +123,7 @@ def cli_import_gpt(argv: list[str]) -> int:
 
             size, n_q = codebook_size(a.codes_index), codes_n_q(a.codes_index)
         elif config.get("codec"):
-            info = codec_info_from_config(config)
-            size, n_q = info.codebook_size, info.n_q
+            size, n_q = codec_sizes_from_config(config)
         else:
             size, n_q = None, None  # model.n_codebooks null then means one codebook
         size = a.codebook_size if a.codebook_size is not None else size
@@ -165,16 +164,22 @@ def cli_export_gpt(argv: list[str]) -> int:
     return 0
 
 
-def codec_info_from_config(config: Mapping[str, Any]):
-    """The :class:`~indextts.codec.CodecInfo` (codebook size, codebooks kept ...) of the DAC weights
-    named in the ``codec`` section."""
+def codec_sizes_from_config(config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(codebook size, codebooks kept)`` of the codec weights named in the ``codec`` section:
+    a DAC file (``codec.n_quantizers`` applied), or for ``codec.kind: semantic`` the MaskGCT
+    semantic codec (one stream)."""
     from indextts.codec import CodecConfig, load_codec
 
     if not config.get("codec"):
         raise TransferError("the config has no codec section: pass --codebook-size, or a config with codec.weights")
     codec = get_section(CodecConfig, config, "codec")
+    if codec.kind == "semantic":
+        from indextts.semantic_codec import load_semantic_codec
+
+        cfg = load_semantic_codec(codec.weights).cfg
+        return cfg.codebook_size, cfg.num_quantizers
     _, info = load_codec(codec.weights, device="cpu", n_quantizers=codec.n_quantizers)
-    return info
+    return info.codebook_size, info.n_q
 
 
 # --- export of the final stage ------------------------------------------------------------------

@@ -341,3 +341,27 @@ def test_import_gpt_cli_takes_the_codebook_count_from_the_codes_index(tmp_path: 
     assert report["counts"]["reinitialised"] == 6 and all(k.startswith("extra_mel_") for k in report["reinitialised"])
     assert cli_export_gpt(["--checkpoint", str(out), "--bpe", str(new_path), "--out", str(tmp_path / "x.pth")]) == 1
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_import_gpt_cli_reads_a_semantic_codec_s_sizes_from_its_weights(tmp_path: Path, vocabs) -> None:
+    # Without --codes-index or --codebook-size, the sizes come from the codec section's weights:
+    # for codec.kind semantic, the MaskGCT semantic codec (one stream), not a DAC file.
+    import json
+
+    from indextts.checkpoint import read_meta
+    from indextts.model.config import mel_vocab_size
+    from indextts.pretrained import cli_import_gpt
+    from indextts.semantic_codec import TINY_CODEC, make_tiny_semantic
+
+    _, new_path, _, new_sp = vocabs
+    path = official_file(tmp_path, tiny(seed=1, number_text_tokens=new_sp.get_piece_size()))
+    codec = make_tiny_semantic(tmp_path / "models")
+    cfg = json.dumps({"model": {"preset": "tiny", "n_codebooks": None}, "codec": codec})
+    out = tmp_path / "ckpt"
+    assert cli_import_gpt(["--gpt", str(path), "--bpe", str(new_path), "--config", cfg, "--out-dir", str(out)]) == 0
+    model = read_meta(out)["model"]
+    assert model["number_mel_codes"] == mel_vocab_size(TINY_CODEC.codebook_size) and model["n_codebooks"] == 1
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["reinitialised"] == {}  # the tiny official file has the same code table: all of it loads
+    bad = json.dumps({"model": {"preset": "tiny"}, "codec": {**codec, "weights": str(tmp_path / "missing.safetensors")}})
+    assert cli_import_gpt(["--gpt", str(path), "--bpe", str(new_path), "--config", bad, "--out-dir", str(tmp_path / "x")]) == 1
