@@ -46,4 +46,3 @@ def test_conda_env_python_matches_the_lock_and_the_package_is_installed_after_th
     assert text.startswith("#!") and "--no-deps -e" in text and "INDEXTTS_SOURCE" in text
     assert "INDEXTTS_SOURCE=" in (REPO / "rules" / "common.smk").read_text()
 
-
