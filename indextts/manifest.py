@@ -620,9 +620,7 @@ class _Folders:
 
 
 def _resolve_slice(flat: pa.Array, folders: _Folders) -> pa.Array:
-    """:func:`resolve_paths` for one slice of rows; ``flat`` itself when nothing changes."""
-    if not len(flat):
-        return flat
+    """:func:`resolve_paths` for one slice of rows (not empty); ``flat`` itself when nothing changes."""
     parts = pc.split_pattern(flat, "/", max_splits=1, reverse=True)
     encoded = pc.dictionary_encode(pc.list_element(parts, 0))
     codes = encoded.indices.to_numpy(zero_copy_only=False)
