@@ -249,8 +249,9 @@ class CodesDataset(torch.utils.data.Dataset):
         self.text_lengths = np.diff(self._tok_off)
         # speaker -> positions, for reference choice
         self._by_speaker = {spk: np.asarray(g, dtype=np.int64) for spk, g in self.meta.groupby("speaker", sort=False).indices.items()}
-        if features.kind == "w2v_bert":
-            self._prompt_store()  # a missing, mismatched or too short store fails here, not in a loader worker
+        # w2v-BERT prompts are read from the store extraction wrote; a missing, mismatched or too
+        # short store fails here, not in a loader worker.
+        self._prompts = self._open_prompt_store() if features.kind == "w2v_bert" else None
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -279,10 +280,10 @@ class CodesDataset(torch.utils.data.Dataset):
         if self.features.kind == "w2v_bert":
             # Not computed here: extract_codes stored them (features.store), the w2v-BERT pass of the
             # semantic codes themselves; read back from codes/features/ beside the shards.
-            from indextts.features import W2V_BERT_HOP, PromptFeatureStore
+            from indextts.features import W2V_BERT_HOP
 
             rng = np.random.default_rng((self.seed, epoch, *salt))
-            return self._prompt_store().crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
+            return self._prompts.crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
         wave = load_audio(self.meta.at[j, "audio_path"], self.features.sample_rate)
         if wave.shape[0] > self.max_ref_samples:
             rng = np.random.default_rng((self.seed, epoch, *salt))
@@ -290,29 +291,26 @@ class CodesDataset(torch.utils.data.Dataset):
             wave = wave[start : start + self.max_ref_samples]
         return log_mel(wave, self.features)
 
-    def _prompt_store(self):
-        """The w2v-BERT prompt features extraction stored beside the shards, opened once and checked
-        against what this dataset reads: the feature width and the crop length."""
-        if getattr(self, "_prompts", None) is None:
-            from indextts.features import PromptFeatureStore
+    def _open_prompt_store(self):
+        """The w2v-BERT prompt features extraction stored beside the shards, checked against what
+        this dataset reads: the feature width and the crop length."""
+        from indextts.features import PromptFeatureStore
 
-            try:
-                store = PromptFeatureStore.beside([sh.path for sh in self._shards])
-            except (FileNotFoundError, ValueError) as e:
-                raise DataError(str(e)) from None
-            if store.dim != self.features.dim:
-                raise DataError(f"{store.paths[0]}: stored features are {store.dim}-dim, the model "
-                                f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
-            asked = self.max_ref_seconds
-            if store.max_ref_seconds is not None and asked > store.max_ref_seconds + 1e-9:
-                raise DataError(
-                    f"{store.paths[0]}: prompt crops of {asked:g} s are asked for (train.max_ref_seconds, or "
-                    f"validate.max_ref_seconds when validating), but the stored features hold at most "
-                    f"{store.max_ref_seconds:g} s per utterance (features.max_ref_seconds at extraction): raise "
-                    "features.max_ref_seconds and re-extract the codes, or lower the crop"
-                )
-            self._prompts = store
-        return self._prompts
+        try:
+            store = PromptFeatureStore.beside([sh.path for sh in self._shards])
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
+        if store.dim != self.features.dim:
+            raise DataError(f"{store.paths[0]}: stored features are {store.dim}-dim, the model "
+                            f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
+        if store.max_ref_seconds is not None and self.max_ref_seconds > store.max_ref_seconds + 1e-9:
+            raise DataError(
+                f"{store.paths[0]}: prompt crops of {self.max_ref_seconds:g} s are asked for (train.max_ref_seconds, or "
+                f"validate.max_ref_seconds when validating), but the stored features hold at most "
+                f"{store.max_ref_seconds:g} s per utterance (features.max_ref_seconds at extraction): raise "
+                "features.max_ref_seconds and re-extract the codes, or lower the crop"
+            )
+        return store
 
     def reference_features(self, i: int, epoch: int | None = None) -> torch.Tensor:
         """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""
