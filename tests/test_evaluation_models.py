@@ -153,7 +153,7 @@ def test_whisper_loads_offline_and_transcribes_short_and_long_clips(folders, no_
         assert AsrModel(AsrConfig(path=cfg.path, language=spelled, max_new_tokens=8))._language == "<|ko|>"
 
 
-def test_whisper_settings_the_model_lacks_are_errors_naming_the_key(folders):
+def test_whisper_settings_the_model_lacks_are_errors_naming_the_key(folders, no_network):
     path = str(folders["whisper"])
     with pytest.raises(EvalModelError, match=r"eval.asr.language: 'klingon' is not a language of .*whisper"):
         AsrModel(AsrConfig(path=path, language="klingon"))
@@ -226,7 +226,7 @@ def test_xvector_loads_offline_self_similarity_is_one_and_cosine_is_symmetric(fo
 
 
 @pytest.mark.parametrize("which", ["xvector", "xvector_layer"])
-def test_a_single_clip_gets_the_models_own_embedding(folders, which):
+def test_a_single_clip_gets_the_models_own_embedding(folders, no_network, which):
     from transformers import Wav2Vec2FeatureExtractor, WavLMForXVector
 
     model = WavLMForXVector.from_pretrained(folders[which], local_files_only=True).eval()
@@ -249,7 +249,7 @@ def test_a_clip_gets_the_same_embedding_in_any_batch(folders, no_network, which,
     assert np.allclose(together, alone, atol=1e-5, rtol=0)
 
 
-def test_too_short_clips_and_bad_vectors_are_errors(folders):
+def test_too_short_clips_and_bad_vectors_are_errors(folders, no_network):
     spk = SpeakerModel(SpeakerConfig(path=str(folders["xvector"])))
     # Two frames after the TDNN (span 4 + 4 + 6) of a (10, 3) / (5, 2) feature encoder.
     assert spk.min_samples == ((16 - 1) * 2 + 3 - 1) * 5 + 10 == 170
