@@ -16,6 +16,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
+# The demo's folders: run.results_dir and run.logs_dir of config.yaml (schema defaults results,
+# logs), read when a recipe needs them, once the venv exists; `make demo RESULTS=...` overrides.
+run_dir = $(shell $(BIN)/python -c 'import sys, yaml; run = (yaml.safe_load(open("config.yaml")) or {}).get("run") or {}; print(run.get(sys.argv[1]) or sys.argv[2])' $(1) $(2) 2>/dev/null || echo $(2))
+RESULTS = $(call run_dir,results_dir,results)
+LOGS = $(call run_dir,logs_dir,logs)
 
 .PHONY: install demo test test-deps lint format clean
 
@@ -36,11 +41,12 @@ install: $(STAMP)
 # The whole pipeline on the embedded demo default (config.yaml), on CPU, then the report.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --resources gpu=1 $(SNAKEMAKE_ARGS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.zip $(SNAKEMAKE_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report $(RESULTS)/report.zip $(SNAKEMAKE_ARGS)
 	@echo
-	@echo "report:  results/report.zip (unzip it, open report/report.html in a browser)"
-	@echo "samples: results/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 5. Samples)"
-	@echo "export:  results/export/ (export_report.json says what IndexTTS2 can do with it)"
+	@echo "report:  $(RESULTS)/report.zip (unzip it, open report/report.html in a browser)"
+	@echo "samples: $(RESULTS)/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 5. Samples)"
+	@echo "export:  $(RESULTS)/export/ (export_report.json says what IndexTTS2 can do with it)"
+	@echo "logs:    $(LOGS)/<stage>/"
 
 # The house conventions first (snakefmt, snakemake --lint), so CI fails on a regression; then
 # the suite, SLURM test included.
@@ -62,5 +68,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/snakefmt Snakefile rules/
 
+# The demo's outputs and logs, and Snakemake's records; another config's run folders stay.
+# Only folders inside the clone are removed (a run.results_dir of "." is not wiped).
 clean:
-	rm -rf results logs .snakemake
+	@for d in $(RESULTS) $(LOGS); do case "$$(realpath -m "$$d")/" in "$(CURDIR)/"?*) ;; \
+	  *) echo "make clean: $$d is not a folder inside $(CURDIR); remove it by hand"; exit 1;; esac; done
+	rm -rf $(RESULTS) $(LOGS) .snakemake

@@ -8,7 +8,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-# The description on the front page of `snakemake --report results/report.zip`.
+# The description on the front page of `snakemake --report <run.results_dir>/report.zip`.
 report: "rules/report/workflow.rst"
 
 

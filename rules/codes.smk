@@ -16,7 +16,7 @@ if config["demo"]["enabled"]:
 
     rule make_demo_codec:
         output:
-            weights=f"{RESULTS}/demo/codec/dac_tiny.pth",
+            weights=DEMO_CODEC,
         log:
             f"{LOGS}/codes/make_demo_codec.log",
         conda:

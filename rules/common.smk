@@ -5,11 +5,126 @@ import json
 import os
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 # Checked before any job runs: an unknown key or a wrong type stops the DAG and names the key.
 # Defaults from the schema are filled in, so every rule sees the complete section.
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
+
+# Where this config's run writes (the run section): every output under RESULTS, every log under
+# LOGS. One folder per config keeps a run from reading or overwriting another config's outputs.
+RESULTS = os.path.normpath(config["run"]["results_dir"])
+LOGS = os.path.normpath(config["run"]["logs_dir"])
+
+# What the demo rules write when demo.enabled (rules/demo.smk, rules/codes.smk): config.yaml names
+# these files as data.manifests and codec.weights, so the input check below exempts them.
+DEMO_MANIFEST = f"{RESULTS}/demo/corpus/manifest.jsonl"
+DEMO_CODEC = f"{RESULTS}/demo/codec/dac_tiny.pth"
+GENERATED_INPUTS = {DEMO_MANIFEST, DEMO_CODEC} if config["demo"]["enabled"] else set()
+
+# The folder of a local facebook/w2v-bert-2.0 (codec.w2v_bert): the files extract_codes reads.
+W2V_BERT_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")
+
+
+def semantic_only(cfg):
+    """``required`` of a key the semantic codec needs and DAC never reads."""
+    return True if cfg["codec"]["kind"] == "semantic" else None
+
+
+# Every file or folder the config names, checked when the DAG is built (check_configured_inputs).
+# Snakemake leaves a job out of the DAG when its outputs exist, without looking at its inputs or
+# params: a config naming a manifest or codec that is not there would silently run on whatever
+# another config left in the results folder. One row per key, so adding a key is one line
+# (eval.asr.path, pretrained.s2mel ...): (dotted key, kind, required).
+#   kind: "file", "folder", or the names/globs a folder must hold.
+#   required: True (null or empty is an error), False (checked when set), or a function of the
+#   config returning one of those, or None when this config does not read the key.
+CONFIGURED_INPUTS = (
+    ("data.manifests", "file", True),
+    ("codec.weights", "file", True),
+    ("codec.w2v_bert", W2V_BERT_FILES, semantic_only),
+    ("codec.w2v_bert_stats", "file", semantic_only),
+    ("vocab.base_model", "file", lambda cfg: cfg["vocab"]["mode"] == "extend"),
+    ("pretrained.gpt", "file", False),
+    ("pretrained.bpe", "file", False),
+    ("pretrained.config", "file", False),
+)
+
+
+def configured_paths(key):
+    """``(label, path)`` for each path the config gives at dotted ``key``: one for a plain key,
+    one per entry of a list (``data.manifests[1].path`` for a ``{path: ...}`` entry), none when
+    the key is null, empty or absent (a section the schema does not have yet)."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, v in enumerate(value):
+            if isinstance(v, dict):
+                out.append((f"{key}[{i}].path", v.get("path")))
+            else:
+                out.append((f"{key}[{i}]", v))
+        return [(label, p) for label, p in out if p]
+    return [(key, value)] if value else []
+
+
+def missing_input(path, kind):
+    """Why ``path`` is not a usable ``kind`` (see CONFIGURED_INPUTS), or None when it is."""
+    p = Path(path)
+    if kind == "file":
+        if p.is_file():
+            return None
+        return "is a folder, not a file" if p.is_dir() else "no such file"
+    if not p.is_dir():
+        return "is a file, not a folder" if p.exists() else "no such folder"
+    if kind == "folder":
+        return None
+    lacking = [name for name in kind if not any(p.glob(name))]
+    return f"has no {', '.join(lacking)}" if lacking else None
+
+
+def check_configured_inputs():
+    """Stop the run before any job when a file or folder of CONFIGURED_INPUTS is missing,
+    naming every key and path at once. Paths a rule of this DAG writes (GENERATED_INPUTS, the
+    demo's inputs) are exempt.
+
+    Raises:
+        WorkflowError: listing each missing key with its path, and what to do.
+    """
+    problems = []
+    for key, kind, required in CONFIGURED_INPUTS:
+        if callable(required):
+            required = required(config)
+        if required is None:
+            continue
+        paths = configured_paths(key)
+        if required and not paths:
+            problems.append(f"{key}: not set")
+        for label, path in paths:
+            if os.path.normpath(path) in GENERATED_INPUTS:
+                continue
+            why = missing_input(path, kind)
+            if why:
+                problems.append(f"{label}: {path}: {why}")
+    if not problems:
+        return
+    lines = ["Inputs named by the config are missing, so no job runs:"]
+    lines += [f"  {p}" for p in problems]
+    if config["demo"]["enabled"]:
+        lines.append(
+            f"demo.enabled: the demo writes its manifest to {DEMO_MANIFEST} and its codec to"
+            f" {DEMO_CODEC} (under run.results_dir); data.manifests and codec.weights may name them."
+        )
+    lines.append(
+        'Point each key at the file or folder on disk (README, "Your own corpus") and run again'
+        f" (relative paths are read from {os.getcwd()})."
+    )
+    raise WorkflowError("\n".join(lines))
+
+
+check_configured_inputs()
 
 PKG = Path(workflow.basedir) / "indextts"
 # Where envs/indextts.post-deploy.sh finds this package to install it into the conda env of
@@ -153,9 +268,6 @@ def code_id(*modules):
 # The small modules every stage imports.
 CORE = ("config", "files")
 
-RESULTS = "results"
-LOGS = "logs"
-
 
 def n_shards():
     return int(config["codes"]["n_shards"])
@@ -204,12 +316,10 @@ def get_codec_files(wildcards):
     folder's configs and weights and the statistics, so replacing any of them re-encodes."""
     codec = config["codec"]
     files = {"weights": codec["weights"]}
-    if codec["kind"] == "semantic":
-        folder = Path(codec["w2v_bert"] or "codec.w2v_bert-is-not-set")
-        weights = sorted(folder.glob("*.safetensors")) or [folder / "model.safetensors"]
-        names = [folder / "config.json", folder / "preprocessor_config.json", *weights]
-        files["w2v_bert"] = [str(p) for p in names]
-        files["w2v_bert_stats"] = codec["w2v_bert_stats"] or "codec.w2v_bert_stats-is-not-set"
+    if codec["kind"] == "semantic":  # check_configured_inputs has seen both set and there
+        folder = Path(codec["w2v_bert"])
+        files["w2v_bert"] = [str(p) for name in W2V_BERT_FILES for p in sorted(folder.glob(name))]
+        files["w2v_bert_stats"] = codec["w2v_bert_stats"]
     return files
 
 

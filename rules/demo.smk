@@ -6,7 +6,7 @@ if config["demo"]["enabled"]:
 
     rule demo_corpus:
         output:
-            manifest=f"{RESULTS}/demo/corpus/manifest.jsonl",
+            manifest=DEMO_MANIFEST,
             expected_rejects=f"{RESULTS}/demo/corpus/expected_rejects.json",
         log:
             f"{LOGS}/demo/demo_corpus.log",
@@ -16,5 +16,6 @@ if config["demo"]["enabled"]:
         params:
             cfg=stage_config("demo"),
             code=code_id("demo", *CORE),
+            out_dir=folder_of("manifest"),
         shell:
-            "indextts demo-corpus --config {params.cfg:q} --out-dir results/demo/corpus > {log} 2>&1"
+            "indextts demo-corpus --config {params.cfg:q} --out-dir {params.out_dir:q} > {log} 2>&1"

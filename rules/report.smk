@@ -1,6 +1,6 @@
 # Report pieces: each rule draws one part of the report from outputs that exist already, and flags
-# what it writes with report(), so `snakemake --report results/report.zip` gathers them by
-# category (captions in rules/report/). The samples are one HTML page with <audio> elements, a
+# what it writes with report(), so `snakemake --report <run.results_dir>/report.zip` gathers them
+# by category (captions in rules/report/). The samples are one HTML page with <audio> elements, a
 # directory output whose clips travel in the zip beside it: Snakemake's viewer does not play WAV.
 
 REPORT_CODE = code_id("report", *CORE)

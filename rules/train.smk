@@ -1,5 +1,5 @@
 # Training: three stages, each one GPU job that resumes by itself from the state it saved under
-# results/train/stageN/state/ (not a rule output, so a failed or killed job keeps it).
+# {RESULTS}/train/stageN/state/ (not a rule output, so a failed or killed job keeps it).
 # A stage's params hold the shared train settings and its own subsection only, plus the code
 # identity of what training runs; worker counts, log interval and progress stay out (RUNTIME).
 

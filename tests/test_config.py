@@ -12,6 +12,14 @@ from indextts.config import SECTIONS, ConfigError, parse_config, section_class, 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
 CONFIGS = [REPO / "config.yaml", *sorted((REPO / "config").glob("*.yaml"))]
+# Schema sections that only the workflow reads (rules/common.smk), never the library, so they have
+# no dataclass: run (where a run writes).
+WORKFLOW_SECTIONS = ("run",)
+
+
+def library_sections(raw: dict) -> dict:
+    """A whole config less the WORKFLOW_SECTIONS: what the library's parse_config sees."""
+    return {k: v for k, v in raw.items() if k not in WORKFLOW_SECTIONS}
 
 
 def schema_defaults(schema: dict) -> dict:
@@ -39,11 +47,44 @@ def test_schema_section_matches_dataclass_fields_and_defaults(section):
                 assert spec["default"] == section_dict(default), f"{section}.{f.name}: schema {spec['default']!r} != dataclass {default!r}"
 
 
+def test_every_schema_section_is_read_by_the_library_or_the_workflow():
+    assert set(SCHEMA["properties"]) == set(SECTIONS) | set(WORKFLOW_SECTIONS)
+    assert not set(SECTIONS) & set(WORKFLOW_SECTIONS)
+
+
+@pytest.mark.parametrize("section", WORKFLOW_SECTIONS)
+def test_workflow_sections_are_closed_described_and_defaulted(section):
+    spec = SCHEMA["properties"][section]
+    assert spec.get("additionalProperties") is False and spec.get("default") == {} and "description" in spec
+    for key, prop in spec["properties"].items():
+        assert "description" in prop and "default" in prop, f"{section}.{key}"
+
+
+def test_run_folders_default_to_the_demo_folders_and_each_real_config_has_its_own():
+    run = SCHEMA["properties"]["run"]["properties"]
+    assert (run["results_dir"]["default"], run["logs_dir"]["default"]) == ("results", "logs")
+    folders = {}
+    for path in CONFIGS:
+        cfg = yaml.safe_load(path.read_text()).get("run") or {}
+        folders[path.name] = (cfg.get("results_dir", "results"), cfg.get("logs_dir", "logs"))
+    assert folders["config.yaml"] == ("results", "logs")
+    every = [d for pair in folders.values() for d in pair]
+    assert len(every) == len(set(every)), f"configs share a folder: {folders}"
+
+
+def test_schema_rejects_a_run_folder_with_braces():
+    # Snakemake would read {x} in an output path as a wildcard.
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["run"]["results_dir"] = "results/{lang}"
+    with pytest.raises(jsonschema.ValidationError, match="does not match"):
+        jsonschema.validate(raw, SCHEMA)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate_against_schema_and_dataclasses(path):
     raw = yaml.safe_load(path.read_text())
     jsonschema.validate(raw, SCHEMA)
-    parse_config(raw)
+    parse_config(library_sections(raw))
 
 
 def test_every_config_yaml_key_is_commented():
@@ -58,7 +99,7 @@ def test_every_config_yaml_key_is_commented():
 
 
 def test_unknown_key_and_wrong_type_are_named_all_at_once():
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw = library_sections(yaml.safe_load((REPO / "config.yaml").read_text()))
     raw["clean"]["min_durration"] = 1
     raw["speakers"]["top_k"] = "many"
     raw["bogus"] = {}

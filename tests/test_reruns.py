@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.workflow_util import SMALL_DEMO, copy_workflow, deep_update, edit_config, planned_jobs, snakemake
+from tests.workflow_util import REPO, SMALL_DEMO, copy_workflow, deep_update, edit_config, planned_jobs, snakemake
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -135,6 +135,57 @@ def test_a_change_reruns_exactly_what_it_touches(demo, case, tmp_path):
     jobs = _plan(demo, case, tmp_path)
     assert jobs == case.reruns, (
         f"{case.id}: reran {dict(sorted(jobs.items()))}, expected {dict(sorted(case.reruns.items()))}")
+
+
+def _files(wd) -> dict[str, tuple[int, int]]:
+    """Every output and log of the demo as {path: (size, mtime_ns)}."""
+    return {str(p.relative_to(wd)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for root in ("results", "logs") for p in sorted((wd / root).rglob("*")) if p.is_file()}
+
+
+# After a complete run every job's outputs exist, so Snakemake alone would plan neither the
+# cleaning of a missing manifest nor the extraction with missing codec weights: the later stages
+# would run on the demo's corpus and codes. The config check stops such a run before any job.
+MISSING_INPUTS = [
+    pytest.param(lambda c: (c["demo"].update(enabled=False), c["data"].update(manifests=["corpus/gone.jsonl"])),
+                 ["data.manifests[0]: corpus/gone.jsonl: no such file"], id="manifest"),
+    pytest.param(lambda c: c["codec"].update(weights="weights/gone.pth"),
+                 ["codec.weights: weights/gone.pth: no such file"], id="codec-weights"),
+]
+
+
+@pytest.mark.parametrize("edit, named", MISSING_INPUTS)
+def test_a_config_naming_a_missing_input_stops_before_any_job(demo, edit, named):
+    cfg = yaml.safe_load((demo / "config.yaml").read_text())
+    edit(cfg)
+    (demo / "missing.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+    before = _files(demo)
+    for dry in (("--dry-run",), ()):
+        proc = snakemake(demo, *dry, "--configfile", "missing.yaml", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Job stats" not in out, out[-3000:]
+        assert "Inputs named by the config are missing, so no job runs:" in out
+        for line in named:
+            assert f"\n  {line}\n" in out, out[-3000:]
+    assert _files(demo) == before
+
+
+def test_korean_example_before_its_files_exist_names_every_missing_key(demo):
+    """The README's "Your own corpus" followed in the clone where the demo ran, before the paths
+    of config/korean.yaml point at real files: every key is named at once and nothing runs."""
+    shutil.copytree(REPO / "config", demo / "config", dirs_exist_ok=True)
+    before = _files(demo)
+    proc = snakemake(demo, "--dry-run", "--configfile", "config/korean.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Job stats" not in out, out[-3000:]
+    korean = yaml.safe_load((REPO / "config/korean.yaml").read_text())
+    manifests = korean["data"]["manifests"]
+    for key, path in [("data.manifests[0]", manifests[0]), ("data.manifests[1].path", manifests[1]["path"]),
+                      *((f"codec.{k}", korean["codec"][k]) for k in ("weights", "w2v_bert", "w2v_bert_stats")),
+                      ("vocab.base_model", korean["vocab"]["base_model"]),
+                      *((f"pretrained.{k}", korean["pretrained"][k]) for k in ("gpt", "bpe"))]:
+        assert f"  {key}: {path}: no such " in out, key
+    assert _files(demo) == before and not (demo / "runs").exists()
 
 
 def test_runtime_knobs_still_reach_the_commands_and_the_library(demo):
