@@ -29,10 +29,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthesize": ("indextts.synthesize", "text in, WAV out, from one checkpoint folder (or a list)"),
     "sample-list": ("indextts.synthesize", "pick the fixed sample set every stage speaks"),
     "export": ("indextts.pretrained", "export the final stage for other tooling, with a re-import check"),
+    "evaluate": ("indextts.evaluation.scoring", "score generated WAVs against their real recordings (MCD, F0, retrieval, CER, SIM)"),
+    "evaluate-reference": ("indextts.evaluation.scoring", "score the codec topline, the floor and the real recordings"),
+    "probe": ("indextts.evaluation.disentangle", "linear probes for speaker and emotion on a stage's emo_vec"),
     "report-data": ("indextts.report", "data summary, histograms and vocab report for the report"),
     "report-stage": ("indextts.report", "loss, speaker and throughput curves of one stage for the report"),
     "report-samples": ("indextts.report", "the samples page (playable audio) for the report"),
     "report-export": ("indextts.report", "the export report as a page of the report"),
+    "report-eval": ("indextts.report", "the evaluation table and plots of every stage for the report"),
 }
 
 

@@ -398,7 +398,25 @@ def _copy_audio(src: str | Path, dest: Path, seconds: float | None = None) -> Pa
     return dest
 
 
-def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds: float) -> Path:
+def _sample_scores(row: Mapping[str, Any]) -> str:
+    """One sample's evaluation scores as a short HTML line (those measured)."""
+    parts = []
+    for key, label, fmt in (("mcd", "MCD-DTW", "{:.2f} dB"), ("duration_ratio", "duration", "{:.2f}×"),
+                            ("log_f0_rmse", "log-F0 RMSE", "{:.3f}"), ("cer", "CER", "{:.3f}"), ("sim", "SIM", "{:.3f}")):
+        v = row.get(key)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            parts.append(f"{label} {fmt.format(v)}")
+    hit = row.get("retrieval_hit")
+    if hit is not None and not math.isnan(hit):
+        parts.append('<span class="ok">right text retrieved</span>' if hit else
+                     f'<span class="warn">retrieval rank {int(row.get("retrieval_rank", -1))} of '
+                     f'{int(row.get("retrieval_n", 0))}</span>')
+    return _esc(", ".join(p for p in parts if "<span" not in p)) + "".join(f"<br>{p}" for p in parts if "<span" in p)
+
+
+def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds: float,
+                   scores: Mapping[int, Path] | None = None, topline_dir: Path | None = None,
+                   cfg: ReportConfig | None = None) -> Path:
     """The samples page: ``out_dir/index.html`` with one table per stage and every clip playable
     (the generated WAVs, the prompts as the model heard them, the real recordings of the texts).
 
@@ -406,8 +424,15 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
         tables: stage -> its ``samples.tsv`` (the WAVs lie beside it as ``<name>.wav``).
         out_dir: the page's folder (a ``report(directory(...), htmlindex="index.html")`` output).
         prompt_seconds: the crop synthesis applied to the prompts (``synthesize.prompt_seconds``).
+        scores: stage -> its evaluation ``scores.parquet``; each sample then shows its MCD-DTW,
+            duration ratio, retrieval hit (and CER, SIM when measured) and the log-mel spectrograms
+            of the generated clip, the real recording and the codec topline side by side.
+        topline_dir: ``evaluate-reference``'s ``topline/`` folder (``<name>.wav``).
     """
     import pandas as pd
+
+    cfg = cfg or ReportConfig()
+    scores = scores or {}
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -434,6 +459,8 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
             "of the batch over the audio it produced.</p>"]
     for stage in sorted(tables):
         table = pd.read_csv(tables[stage], sep="\t", dtype=str, keep_default_na=False)
+        score_rows = ({r["name"]: r for r in pd.read_parquet(scores[stage]).to_dict("records")}
+                      if stage in scores else {})
         rows = []
         for r in table.to_dict("records"):
             gen = f"stage{stage}/{r['name']}.wav"
@@ -441,6 +468,16 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tables[stage]).parent / f"{r['name']}.wav", dest)
             stopped = r.get("stop_reached") == "True"
+            sc = score_rows.get(r["name"])
+            measured = _sample_scores(sc) if sc is not None else '<span class="muted">not evaluated</span>'
+            if sc is not None:
+                spec = f"spectra/stage{stage}_{r['name']}.png"
+                clips3 = [("generated", dest), ("real recording", r.get("reference", ""))]
+                top = Path(topline_dir) / f"{r['name']}.wav" if topline_dir else None
+                if top is not None and top.is_file():
+                    clips3.append(("codec topline", top))
+                plot_spectrograms([c for c in clips3 if c[1]], out_dir / spec, cfg, f"stage {stage}, {r['name']}")
+                measured += f'<br><img src="{html.escape(spec)}" alt="log-mel spectrograms" style="max-width:560px">'
             rows.append((
                 r["name"], r["text"], audio(gen),
                 f"{_esc(r.get('speaker', ''))}<br>{audio(clip('prompts', r['speaker_prompt'], prompt_seconds))}",
@@ -450,12 +487,174 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
                 audio(clip("references", r.get("reference", ""))),
                 int(r["frames"]), float(r["seconds"]),
                 '<span class="ok">yes</span>' if stopped else '<span class="warn">no (max length)</span>',
-                float(r["rtf"]),
+                float(r["rtf"]), measured,
             ))
         body += [f"<h2>Stage {stage}</h2>", html_table(
             rows, ("name", "text", "generated", "speaker prompt", "emotion prompt", "real recording", "frames",
-                   "seconds", "stop reached", "RTF"), raw=(2, 3, 4, 5, 8))]
+                   "seconds", "stop reached", "RTF", "scores (evaluation)"), raw=(2, 3, 4, 5, 8, 10))]
     return write_text(out_dir / "index.html", html_page("Samples per stage", "\n".join(body)))
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+# The measures of ``indextts evaluate`` in the order the report shows them: (key, label, better).
+EVAL_MEASURES = (
+    ("retrieval_hit", "text retrieval top-1", "higher"),
+    ("mcd", "MCD-DTW (dB)", "lower"),
+    ("log_f0_rmse", "log-F0 RMSE", "lower"),
+    ("vuv_error", "voicing error", "lower"),
+    ("duration_ratio", "duration ratio (gen / real)", "near 1"),
+    ("stop_reached", "stop token reached", "higher"),
+    ("cer", "CER", "lower"),
+    ("wer", "WER", "lower"),
+    ("sim", "speaker similarity (prompt)", "higher"),
+    ("sim_emotion", "similarity to emotion prompt (cross)", "lower"),
+)
+
+
+def _ci(s: Mapping[str, Any] | None) -> str:
+    if not s or not s.get("n"):
+        return ""
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
+def _mean(s: Mapping[str, Any] | None) -> str:
+    return f"{s['mean']:.3f}" if s and s.get("n") else ""
+
+
+def plot_eval(summaries: Mapping[int, Mapping[str, Any]], path: str | Path, cfg: ReportConfig) -> Path:
+    """One panel per measure: each stage's mean with its 95% interval, the topline and the floor
+    as horizontal lines (chance for retrieval)."""
+    plt = _plt()
+    stages = sorted(summaries)
+    keys = [m for m in EVAL_MEASURES if any((summaries[s]["measures"].get(m[0]) or {}).get("n") for s in stages)]
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), layout="constrained", squeeze=False)
+    for ax, (key, label, better) in zip(axes.flat, keys):
+        got = [(s, summaries[s]["measures"].get(key)) for s in stages]
+        got = [(s, m) for s, m in got if m and m.get("n")]
+        xs = [s for s, _ in got]
+        ys = [m["mean"] for _, m in got]
+        err = [[m["mean"] - m["ci_low"] for _, m in got], [m["ci_high"] - m["mean"] for _, m in got]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="generated")
+        last = summaries[stages[-1]]
+        for system, style, color in (("topline", "--", "green"), ("floor", ":", "red"), ("real", "-.", "gray")):
+            ref = (last.get(system) or {}).get(key)
+            if ref and ref.get("n"):
+                ax.axhline(ref["mean"], linestyle=style, color=color, label=system)
+        if key == "retrieval_hit" and last.get("retrieval_chance") is not None:
+            ax.axhline(last["retrieval_chance"], linestyle=":", color="black", label="chance")
+        ax.set_title(f"{label} ({better} is better)", fontsize=9)
+        ax.set_xticks(stages, [f"stage {s}" for s in stages])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle("Evaluation of each stage's samples (mean, 95% bootstrap interval)")
+    return save_figure(fig, path, cfg)
+
+
+def eval_page(summaries: Mapping[int, Mapping[str, Any]], probes: Mapping[int, Mapping[str, Any]],
+              plot_name: str | None = None) -> str:
+    """The evaluation page: every measure per stage with its interval, the topline, the floor and
+    n; the stages that do not yet speak; the disentanglement probes."""
+    stages = sorted(summaries)
+    last = summaries[stages[-1]] if stages else {}
+    models = last.get("models") or {}
+    body = []
+    for s in stages:
+        for why in summaries[s].get("does_not_speak") or []:
+            body.append(f'<p class="warn"><b>Stage {s} does not yet speak the text:</b> {_esc(why)}</p>')
+    body.append(
+        "<p>Each stage's samples (val texts, never trained on) are scored against the real recording of the same "
+        "text. <b>Topline</b>: that recording through the codec, with the codebooks the model learns (the best any "
+        "model on these codes can do). <b>Floor</b>: a real recording of the same speaker with another text (what "
+        "a model that learned nothing of the text scores). <b>Real</b>: the recording itself (the ASR's own error, "
+        "the speaker model's ceiling). Text retrieval: the right text's recording is the nearest (MCD-DTW) among "
+        f"real recordings of that speaker with other texts; chance {last.get('retrieval_chance') or 0:.2f}. "
+        "Values: mean [95% bootstrap interval].</p>")
+    header = ["measure", "better", *[f"stage {s}" for s in stages], "topline", "floor", "real", "n"]
+    rows = []
+    for key, label, better in EVAL_MEASURES:
+        cells = [(summaries[s]["measures"].get(key)) for s in stages]
+        if not any(c and c.get("n") for c in cells):
+            continue
+        n = max((c or {}).get("n") or 0 for c in cells)
+        rows.append((label, better, *[_ci(c) for c in cells], _mean((last.get("topline") or {}).get(key)),
+                     _mean((last.get("floor") or {}).get(key)), _mean((last.get("real") or {}).get(key)), n))
+    body += ["<h2>Scores per stage</h2>", html_table(rows, header)]
+    off = [f"{what} (set eval.{key}.path to a local model folder)" for key, what in
+           (("asr", "CER/WER"), ("speaker", "speaker similarity")) if not models.get(key)]
+    used = [f"{what}: {models[key]}" for key, what in (("asr", "ASR"), ("speaker", "speaker model")) if models.get(key)]
+    if used:
+        body.append(f"<p>Models: {_esc('; '.join(used))}.</p>")
+    if off:
+        body.append(f"<p class=\"muted\">Not measured: {_esc('; '.join(off))}.</p>")
+    kinds = sorted({k for s in stages for k in (summaries[s].get("by_kind") or {})})
+    if kinds:
+        krows = []
+        for s in stages:
+            for k in kinds:
+                m = (summaries[s].get("by_kind") or {}).get(k) or {}
+                krows.append((f"stage {s}", k, _ci(m.get("retrieval_hit")), _ci(m.get("mcd")),
+                               _ci(m.get("duration_ratio")), (m.get("mcd") or {}).get("n", 0)))
+        body += ["<h2>By sample kind</h2>", html_table(krows, ("stage", "kind", "retrieval top-1", "MCD-DTW",
+                                                               "duration ratio", "n"))]
+    if plot_name:
+        body.append(f'<p><img src="{html.escape(plot_name)}" style="max-width:100%"></p>')
+    if probes:
+        names = sorted({k for s in probes for k in (probes[s].get("probes") or {})})
+        prow = []
+        for name in names:
+            cells = [(probes[s].get("probes") or {}).get(name) or {} for s in sorted(probes)]
+            first = next((c for c in cells if c), {})
+            prow.append((name.replace("_", " "), *[f"{c['accuracy']:.3f}" if c.get("accuracy") is not None else
+                                                   _esc(c.get("note") or "") for c in cells],
+                         first.get("chance", ""), first.get("majority", ""), first.get("n", ""), first.get("k", "")))
+        body += ["<h2>Disentanglement probes</h2>",
+                 "<p>Cross-validated logistic regressions on each frozen stage's <code>emo_vec</code> and speaker "
+                 "latents of held-out utterances. Stage 2's gradient reversal should push speaker accuracy from "
+                 "<code>emo_vec</code> toward chance while emotion accuracy holds; the speaker latents are the "
+                 "control.</p>",
+                 html_table(prow, ("probe", *[f"stage {s}" for s in sorted(probes)], "chance", "majority", "n", "k"))]
+    return html_page("Evaluation", "\n".join(body))
+
+
+def report_eval(cfg: ReportConfig, summaries: Mapping[int, Path], probes: Mapping[int, Path], *, page: Path,
+                plot: Path) -> list[Path]:
+    """The report's evaluation category: the page (table, warnings, probes) and the plot."""
+    sums = {s: json.loads(Path(p).read_text(encoding="utf-8")) for s, p in summaries.items()}
+    prb = {s: json.loads(Path(p).read_text(encoding="utf-8")) for s, p in probes.items()}
+    out = [plot_eval(sums, plot, cfg)]
+    out.append(write_text(page, eval_page(sums, prb)))
+    return out
+
+
+def plot_spectrograms(clips: Sequence[tuple[str, str | Path]], path: Path, cfg: ReportConfig, title: str) -> Path:
+    """Log-mel spectrograms of ``(label, wav)`` clips side by side, on one colour scale."""
+    import librosa
+    import numpy as np
+    import soundfile as sf
+
+    plt = _plt()
+    mels = []
+    for label, wav in clips:
+        audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
+        audio = librosa.resample(audio.mean(axis=1), orig_sr=sr, target_sr=16000) if sr != 16000 else audio.mean(axis=1)
+        mel = librosa.feature.melspectrogram(y=audio, sr=16000, n_fft=1024, hop_length=160, n_mels=80)
+        mels.append((label, librosa.power_to_db(mel, ref=1.0, top_db=None), audio.shape[0] / 16000))
+    vmax = max(float(m.max()) for _, m, _ in mels)
+    fig, axes = plt.subplots(1, len(mels), figsize=(3.2 * len(mels), 2.2), layout="constrained", squeeze=False)
+    for ax, (label, mel, secs) in zip(axes[0], mels):
+        ax.imshow(mel, origin="lower", aspect="auto", vmin=vmax - 80, vmax=vmax, cmap="magma",
+                  extent=(0, secs, 0, mel.shape[0]))
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("s", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    return save_figure(fig, path, ReportConfig(format="png", dpi=min(cfg.dpi, 90), smooth=cfg.smooth))
 
 
 def report_export(export_report: Path, page: Path) -> Path:
@@ -528,15 +727,41 @@ def cli_report_samples(argv: list[str]) -> int:
     p.add_argument("--tables", nargs="+", required=True, help="results/samples/stageN/samples.tsv, one per stage")
     p.add_argument("--out-dir", required=True, help="the page's folder")
     p.add_argument("--prompt-seconds", type=float, default=6.0, help="synthesize.prompt_seconds")
+    p.add_argument("--scores", nargs="*", default=[], help="results/eval/stageN/scores.parquet, one per stage")
+    p.add_argument("--topline-dir", help="evaluate-reference's topline/ folder (codec resynthesis of the real recordings)")
+    p.add_argument("--config", help="config file or inline JSON with a report section")
     a = p.parse_args(argv)
-    tables = {}
-    for t in a.tables:
+    tables = _by_stage(p, a.tables, "results/samples/stageN/samples.tsv")
+    scores = _by_stage(p, a.scores, "results/eval/stageN/scores.parquet")
+    page = report_samples(tables, Path(a.out_dir), prompt_seconds=a.prompt_seconds, scores=scores,
+                          topline_dir=Path(a.topline_dir) if a.topline_dir else None, cfg=_report_cfg(a.config))
+    print(f"wrote {page}")
+    return 0
+
+
+def _by_stage(p: argparse.ArgumentParser, paths: Sequence[str], example: str) -> dict[int, Path]:
+    """stage -> path, the stage read off the parent folder's name (``stageN``)."""
+    out = {}
+    for t in paths:
         stage = Path(t).parent.name
         if not stage.startswith("stage") or not stage[5:].isdigit():
-            p.error(f"{t}: expected results/samples/stageN/samples.tsv")
-        tables[int(stage[5:])] = Path(t)
-    page = report_samples(tables, Path(a.out_dir), prompt_seconds=a.prompt_seconds)
-    print(f"wrote {page}")
+            p.error(f"{t}: expected {example}")
+        out[int(stage[5:])] = Path(t)
+    return out
+
+
+def cli_report_eval(argv: list[str]) -> int:
+    """``indextts report-eval``: the evaluation page (every measure per stage, topline, floor, probes) and plot."""
+    p = argparse.ArgumentParser(prog="indextts report-eval", description=cli_report_eval.__doc__)
+    p.add_argument("--summaries", nargs="+", required=True, help="results/eval/stageN/summary.json, one per stage")
+    p.add_argument("--probes", nargs="*", default=[], help="results/eval/stageN/probe.json")
+    p.add_argument("--page", required=True)
+    p.add_argument("--plot", required=True)
+    p.add_argument("--config", help="config file or inline JSON with a report section")
+    a = p.parse_args(argv)
+    out = report_eval(_report_cfg(a.config), _by_stage(p, a.summaries, "results/eval/stageN/summary.json"),
+                      _by_stage(p, a.probes, "results/eval/stageN/probe.json"), page=Path(a.page), plot=Path(a.plot))
+    print("wrote " + ", ".join(map(str, out)))
     return 0
 
 

@@ -99,6 +99,16 @@ def sample_tables(root: Path, stages=(1, 2)) -> dict[int, Path]:
                          "seconds": sec, "stop_reached": i == 0, "rtf": 0.2})
         pd.DataFrame(rows).to_csv(out / "samples.tsv", sep="\t", index=False)
         tables[stage] = out / "samples.tsv"
+        # what indextts evaluate writes beside them (results/eval/stageN/scores.parquet)
+        scored = root / "eval" / f"stage{stage}"
+        scored.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([{"name": r["name"], "mcd": 6.5 - stage, "duration_ratio": 1.1, "log_f0_rmse": 0.2,
+                       "retrieval_hit": float(i == 0), "retrieval_rank": 1 + 2 * i, "retrieval_n": 10}
+                      for i, r in enumerate(rows)]).to_parquet(scored / "scores.parquet")
+    topline = root / "eval" / "reference" / "topline"
+    topline.mkdir(parents=True, exist_ok=True)
+    for name, sec in (("same-00", 1.5), ("cross-00", 2.0)):
+        tone(topline / f"{name}.wav", sec, f0=200)
     return tables
 
 
@@ -163,6 +173,21 @@ def test_samples_page_plays_every_clip_and_links_back(tmp_path: Path) -> None:
     assert f'href="{REPORT_FROM_SAMPLES}"' in text
     assert "&lt;b&gt;&amp;" in text  # texts are escaped
     assert text.count("no (max length)") == 2  # cross-00 did not reach its stop token, in both stages
+    assert "not evaluated" in text and "<img" not in text  # no scores given
+
+    # With the evaluation's scores: each sample's scores, and the spectrograms of the generated
+    # clip, the real recording and the codec topline side by side.
+    scores = {s: tmp_path / "eval" / f"stage{s}" / "scores.parquet" for s in tables}
+    page = report_samples(tables, tmp_path / "page2", prompt_seconds=2.5, scores=scores,
+                          topline_dir=tmp_path / "eval" / "reference" / "topline")
+    text = page.read_text()
+    imgs = re.findall(r'<img src="([^"]+)"', text)
+    assert sorted(imgs) == ["spectra/stage1_cross-00.png", "spectra/stage1_same-00.png",
+                            "spectra/stage2_cross-00.png", "spectra/stage2_same-00.png"]
+    for img in imgs:
+        w, h = png_size(tmp_path / "page2" / img)
+        assert w > 400 and h > 100
+    assert "MCD-DTW 5.50 dB" in text and "right text retrieved" in text and "retrieval rank 3 of 10" in text
 
 
 # --- the real report in a real browser ------------------------------------------------------------
@@ -170,7 +195,7 @@ def test_samples_page_plays_every_clip_and_links_back(tmp_path: Path) -> None:
 CHECK_PAGE = """<!DOCTYPE html><html><body><pre id="out">pending</pre>
 <iframe id="report" src="report/report.html" style="width:1200px;height:800px"></iframe>
 <script>
-const out = {images: [], audio: [], links: [], pages: [], errors: []};
+const out = {images: [], audio: [], links: [], pages: [], page_images: [], errors: []};
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 async function until(test, what, ms = 20000) {
   for (let t = 0; t < ms; t += 50) { const v = test(); if (v) return v; await sleep(50); }
@@ -199,7 +224,12 @@ async function main() {
       f => f.getAttribute("src") === r.data_uri && f.contentDocument && f.contentDocument.readyState !== "loading"
            && f.contentWindow.location.href.endsWith(r.data_uri)), "page " + path);
     const doc = inner.contentDocument;
-    out.pages.push({path, title: doc.title});
+    out.pages.push({path, title: doc.title, tables: doc.querySelectorAll("table").length,
+                    text: doc.body.innerText.slice(0, 4000)});
+    for (const img of doc.querySelectorAll("img")) {
+      await until(() => img.complete, "page image " + img.getAttribute("src"));
+      out.page_images.push({page: path, src: img.getAttribute("src"), w: img.naturalWidth, h: img.naturalHeight});
+    }
     for (const a of doc.querySelectorAll("audio")) {
       const d = await new Promise(res => {
         if (a.readyState >= 1) return res(a.duration);
@@ -311,10 +341,12 @@ rule stage_plots:
 rule samples:
     input:
         tables=["stage1/samples.tsv", "stage2/samples.tsv"],
+        scores=["eval/stage1/scores.parquet", "eval/stage2/scores.parquet"],
     output:
         page=report(directory("out/samples"), htmlindex="index.html", category="Samples"),
     shell:
         "indextts report-samples --tables {input.tables} --out-dir {output.page} --prompt-seconds 2.5"
+        " --scores {input.scores} --topline-dir eval/reference/topline"
 """
 
 
@@ -343,6 +375,8 @@ def test_snakemake_report_zip_opens_in_chromium(tmp_path: Path) -> None:
     # the prompt and reference files are shared by the stages
     assert len(seen["audio"]) == 2 * (2 * 3 + 1)
     assert len({a["src"] for a in seen["audio"]}) == 2 * 2 + 3 + 2
+    # the samples page's spectrograms load in the browser, each with a size
+    assert len(seen["page_images"]) == 4 and all(i["w"] > 400 and i["h"] > 100 for i in seen["page_images"])
 
     # The check can fail: a plot that is not an image, a clip whose duration is not its WAV's.
     broken = tmp_path / "view2"
