@@ -223,6 +223,7 @@ SECTIONS: dict[str, str] = {
     "train": "indextts.train:TrainConfig",
     "synthesize": "indextts.synthesize:SynthesizeConfig",
     "samples": "indextts.synthesize:SamplesConfig",
+    "eval": "indextts.evaluation.scoring:EvalConfig",
     "report": "indextts.report:ReportConfig",
 }
 

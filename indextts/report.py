@@ -742,7 +742,7 @@ def cli_report_samples(argv: list[str]) -> int:
 def _by_stage(p: argparse.ArgumentParser, paths: Sequence[str], example: str) -> dict[int, Path]:
     """stage -> path, the stage read off the parent folder's name (``stageN``)."""
     out = {}
-    for t in paths:
+    for t in (t for t in paths if t):  # an empty list reaches a rule's command as one empty argument
         stage = Path(t).parent.name
         if not stage.startswith("stage") or not stage[5:].isdigit():
             p.error(f"{t}: expected {example}")
@@ -753,7 +753,7 @@ def _by_stage(p: argparse.ArgumentParser, paths: Sequence[str], example: str) ->
 def cli_report_eval(argv: list[str]) -> int:
     """``indextts report-eval``: the evaluation page (every measure per stage, topline, floor, probes) and plot."""
     p = argparse.ArgumentParser(prog="indextts report-eval", description=cli_report_eval.__doc__)
-    p.add_argument("--summaries", nargs="+", required=True, help="results/eval/stageN/summary.json, one per stage")
+    p.add_argument("--summaries", nargs="*", default=[], help="results/eval/stageN/summary.json, one per stage")
     p.add_argument("--probes", nargs="*", default=[], help="results/eval/stageN/probe.json")
     p.add_argument("--page", required=True)
     p.add_argument("--plot", required=True)

@@ -49,6 +49,8 @@ CONFIGURED_INPUTS = (
     ("pretrained.gpt", "file", False),
     ("pretrained.bpe", "file", False),
     ("pretrained.config", "file", False),
+    ("eval.asr.path", "folder", False),
+    ("eval.speaker.path", "folder", False),
 )
 
 
@@ -382,3 +384,48 @@ def transfer_arg(wildcards):
 def report_stage_category(wildcards):
     """The report category of a stage's pieces, numbered so categories sort in pipeline order."""
     return f"{int(wildcards.stage) + 1}. Stage {wildcards.stage}"
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def eval_config(keys=None, unread=(), extra=None):
+    """``params.cfg`` of an evaluation rule: the eval section (only ``keys`` when given, less the
+    ``unread`` ``"eval.key"`` entries), the text section (the normaliser CER scores through), and
+    ``extra`` ``{section: (key, ...)}`` picks of other sections."""
+    out = json.loads(stage_config("eval", "text", unread=unread))
+    if keys is not None:
+        out["eval"] = {k: v for k, v in out["eval"].items() if k in keys}
+        del out["text"]
+    for section, picked in (extra or {}).items():
+        out[section] = {k: (config.get(section) or {}).get(k) for k in picked}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def eval_models():
+    """The local model folders the evaluation is configured with (eval.asr.path, eval.speaker.path)."""
+    ev = config.get("eval") or {}
+    return {k: ev[k]["path"] for k in ("asr", "speaker") if (ev.get(k) or {}).get("path")}
+
+
+def get_eval_models(wildcards):
+    """The configured model folders as inputs, so replacing a model reruns the scores it gives."""
+    return list(eval_models().values())
+
+
+def eval_gpus():
+    """GPUs an evaluation job holds: one for the ASR and speaker models, when configured and not
+    pinned to the CPU; the reference measures alone run on the CPU."""
+    return 1 if eval_models() and config["eval"]["device"] != "cpu" else 0
+
+
+def probe_gpus():
+    """GPUs a probe job holds: the released-size model embeds on a GPU; the tiny ones on the CPU."""
+    big = config["model"]["preset"] == "indextts2"
+    return 1 if big and config["eval"]["device"] != "cpu" else 0
+
+
+# Stages whose samples are scored (those that speak them), and stages whose conditioners are probed
+# (the probe computes log-mel prompt features: DAC models).
+EVAL_STAGES = SAMPLE_STAGES
+PROBE_STAGES = (1, 2, 3) if config["codec"]["kind"] == "dac" else ()
