@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from indextts.config import ConfigError, get_section, load_config_arg
+from indextts.config import ConfigError, get_section, load_config_arg, section_dict
 from indextts.evaluation.acoustic import AcousticConfig
 from indextts.evaluation.asr import AsrConfig
 from indextts.evaluation.speaker import SpeakerConfig
@@ -416,7 +416,7 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
         **_reference_summaries(ref, table["name"].tolist(), cfg.seed, cfg.n_boot),
         "by_kind": {k: summarize(part, cfg.seed, cfg.n_boot) for k, part in scores.groupby("kind", sort=True)}
         if "kind" in scores.columns else {},
-        "models": models.names(), "acoustic": _asdict(cfg.acoustic), "seed": cfg.seed,
+        "models": models.names(), "acoustic": section_dict(cfg.acoustic), "seed": cfg.seed,
     }
     summary["does_not_speak"] = verdict(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -424,12 +424,6 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
     write_parquet(pa_table(scores), out_dir / "scores.parquet")
     write_json(out_dir / "summary.json", summary)
     return summary
-
-
-def _asdict(obj) -> dict:
-    from indextts.config import section_dict
-
-    return section_dict(obj)
 
 
 def pa_table(frame: "pd.DataFrame"):
