@@ -348,7 +348,9 @@ def test_demo_config_points_at_the_demo_codec_rule_output():
     # The make_demo_codec rule writes this fixed path; the demo config must read it.
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     assert cfg["codec"]["weights"] == "results/demo/codec/dac_tiny.pth"
-    assert 'weights=f"{RESULTS}/demo/codec/dac_tiny.pth"' in (REPO / "rules" / "codes.smk").read_text()
+    common = (REPO / "rules" / "common.smk").read_text()
+    assert 'DEMO_CODEC = f"{RESULTS}/demo/codec/dac_tiny.pth"' in common
+    assert "weights=DEMO_CODEC," in (REPO / "rules" / "codes.smk").read_text()
 
 
 def test_empty_shards_are_written_and_indexed(tmp_path, weights):
