@@ -44,7 +44,9 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report $(RESULTS)/report.zip $(SNAKEMAKE_ARGS)
 	@echo
 	@echo "report:  $(RESULTS)/report.zip (unzip it, open report/report.html in a browser)"
-	@echo "samples: $(RESULTS)/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 5. Samples)"
+	@echo "samples: $(RESULTS)/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 6. Samples)"
+	@echo "scores:  $(RESULTS)/eval/stageN/summary.json (the report's 5. Evaluation); the last stage's:"
+	@$(BIN)/indextts eval-summary $$(ls $(RESULTS)/eval/stage*/summary.json | tail -n 1)
 	@echo "export:  $(RESULTS)/export/ (export_report.json says what IndexTTS2 can do with it)"
 	@echo "logs:    $(LOGS)/<stage>/"
 

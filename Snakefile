@@ -20,6 +20,7 @@ include: "rules/model.smk"
 include: "rules/train.smk"
 include: "rules/synthesize.smk"
 include: "rules/export.smk"
+include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 

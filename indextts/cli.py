@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("indextts.pretrained", "export the final stage for other tooling, with a re-import check"),
     "evaluate": ("indextts.evaluation.scoring", "score generated WAVs against their real recordings (MCD, F0, retrieval, CER, SIM)"),
     "evaluate-reference": ("indextts.evaluation.scoring", "score the codec topline, the floor and the real recordings"),
+    "eval-summary": ("indextts.evaluation.scoring", "print the scores of evaluate's summary.json files"),
     "probe": ("indextts.evaluation.disentangle", "linear probes for speaker and emotion on a stage's emo_vec"),
     "report-data": ("indextts.report", "data summary, histograms and vocab report for the report"),
     "report-stage": ("indextts.report", "loss, speaker and throughput curves of one stage for the report"),

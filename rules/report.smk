@@ -99,6 +99,33 @@ rule report_speaker:
         " --meta {input.meta:q} --speaker {output.speaker:q} > {log:q} 2>&1"
 
 
+rule report_eval:
+    input:
+        summaries=expand(f"{RESULTS}/eval/stage{{stage}}/summary.json", stage=EVAL_STAGES),
+        probes=expand(f"{RESULTS}/eval/stage{{stage}}/probe.json", stage=PROBE_STAGES),
+    output:
+        page=report(
+            f"{REPORT_DIR}/eval/evaluation.html",
+            caption="report/evaluation.rst",
+            category="5. Evaluation",
+        ),
+        plot=report(
+            f"{REPORT_DIR}/eval/measures.{FMT}",
+            caption="report/eval_plot.rst",
+            category="5. Evaluation",
+        ),
+    log:
+        f"{LOGS}/report/eval.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        cfg=stage_config("report"),
+        code=REPORT_CODE,
+    shell:
+        "indextts report-eval --config {params.cfg:q} --summaries {input.summaries:q}"
+        " --probes {input.probes:q} --page {output.page:q} --plot {output.plot:q} > {log:q} 2>&1"
+
+
 rule report_samples:
     input:
         tables=expand(f"{RESULTS}/samples/stage{{stage}}/samples.tsv", stage=SAMPLE_STAGES),
@@ -107,12 +134,14 @@ rule report_samples:
             stage=SAMPLE_STAGES,
             name=sample_names(),
         ),
+        scores=expand(f"{RESULTS}/eval/stage{{stage}}/scores.parquet", stage=EVAL_STAGES),
+        topline=rules.evaluate_reference.output.topline,
     output:
         page=report(
             directory(f"{REPORT_DIR}/samples"),
             htmlindex="index.html",
             caption="report/samples.rst",
-            category="5. Samples",
+            category="6. Samples",
         ),
     log:
         f"{LOGS}/report/samples.log",
@@ -120,17 +149,20 @@ rule report_samples:
         "../envs/indextts.yaml"
     params:
         prompt_seconds=config["synthesize"]["prompt_seconds"],
+        cfg=stage_config("report"),
         code=REPORT_CODE,
+        topline_dir=lambda wildcards, input: os.path.dirname(input.topline[0]),
     shell:
-        "indextts report-samples --tables {input.tables:q} --out-dir {output.page:q}"
-        " --prompt-seconds {params.prompt_seconds} > {log:q} 2>&1"
+        "indextts report-samples --config {params.cfg:q} --tables {input.tables:q}"
+        " --out-dir {output.page:q} --prompt-seconds {params.prompt_seconds}"
+        " --scores {input.scores:q} --topline-dir {params.topline_dir:q} > {log:q} 2>&1"
 
 
 rule report_export:
     input:
         folder=rules.export.output.folder,
     output:
-        page=report(f"{REPORT_DIR}/export.html", caption="report/export.rst", category="6. Export"),
+        page=report(f"{REPORT_DIR}/export.html", caption="report/export.rst", category="7. Export"),
     log:
         f"{LOGS}/report/export.log",
     conda:
@@ -149,5 +181,6 @@ _EXTRA_TARGETS.extend(
         *rules.report_speaker.output,
         rules.report_export.output.page,
         *([f"{REPORT_DIR}/samples"] if SAMPLE_STAGES else []),
+        *(rules.report_eval.output if EVAL_STAGES or PROBE_STAGES else []),
     ]
 )

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -133,6 +134,42 @@ def test_a_stage_that_reads_the_text_beats_the_floor_and_one_that_does_not_is_fl
     again = evaluate_stage(cfg, _stage(corpus, "good", lambda s, i: f"{s}_{i}_slow"), out_dir=tmp_path / "good2",
                            clean=corpus["clean"], reference=ref, label="good")
     assert again["measures"] == good["measures"]
+    # The reference's saved analyses of the real recordings give the very same scores.
+    logged = []
+    reused = evaluate_stage(cfg, _stage(corpus, "good", lambda s, i: f"{s}_{i}_slow"), out_dir=tmp_path / "good3",
+                            clean=corpus["clean"], reference=ref, features=ref.parent / "features.npz", label="good",
+                            log=logged.append)
+    assert reused["measures"] == good["measures"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "good3" / "scores.parquet"), scores)
+    assert any("real recordings' features reused" in line and not line.split(": ")[1].startswith("0 ") for line in logged)
+
+
+def test_saved_features_are_reused_only_for_unchanged_files_and_the_same_config(corpus, tmp_path):
+    import os
+
+    from indextts.evaluation.acoustic import FeatureCache
+
+    paths = [r["audio_path"] for r in list(corpus["by_id"].values())[:3]]
+    cache = FeatureCache(_cfg().acoustic)
+    feats = [cache(p) for p in paths]
+    cache.save(tmp_path / "f.npz", keep=lambda p: p.name != Path(paths[2]).name)
+    fresh = FeatureCache(_cfg().acoustic)
+    assert fresh.load(tmp_path / "f.npz") == 2 and len(fresh) == 2
+    for p, f in zip(paths[:2], feats):
+        got = fresh(p)
+        assert np.array_equal(got.mcep, f.mcep) and np.array_equal(got.f0, f.f0) and got.seconds == f.seconds
+    # another analysis config: nothing taken
+    assert FeatureCache(_cfg(acoustic={"f0_method": "harvest"}).acoustic).load(tmp_path / "f.npz") == 0
+    # a file rewritten since: its entry is left out
+    moved = corpus["root"] / "moved.wav"
+    shutil.copyfile(paths[0], moved)
+    cache(moved)
+    cache.save(tmp_path / "g.npz")
+    os.utime(moved, ns=(0, 0))
+    assert FeatureCache(_cfg().acoustic).load(tmp_path / "g.npz") == len(cache) - 1
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="bad.npz: not a features file"):
+        FeatureCache(_cfg().acoustic).load(tmp_path / "bad.npz")
 
 
 def test_topline_is_the_recording_through_the_codec(corpus, tmp_path):
@@ -184,6 +221,12 @@ def test_cli_evaluate_prints_the_scores_and_the_warning(corpus, tmp_path, capsys
     out = capsys.readouterr()
     assert "text retrieval top-1: 0.000" in out.out
     assert "WARNING stage9 does not yet speak the text" in out.err
+    # eval-summary (what `make demo` ends with) prints the same lines from the written summary
+    assert main(["eval-summary", str(tmp_path / "o" / "summary.json")]) == 0
+    again = capsys.readouterr()
+    assert again.out.splitlines()[1:] == out.out.splitlines()[1:] and again.err == out.err
+    assert main(["eval-summary", str(tmp_path / "o" / "scores.parquet")]) == 1
+    assert "scores.parquet: not an evaluate summary.json" in capsys.readouterr().err
 
 
 def test_report_eval_page_and_plot(corpus, tmp_path):

@@ -29,16 +29,17 @@ SAMPLE_STAGES = SMALL_DEMO["samples"]["stages"]
 
 
 def after_training(*stages: int) -> dict[str, int]:
-    """The jobs that rerun when these training stages rerun: the stages, their report pieces,
-    the samples of those among them that speak (samples.stages) and the samples page, and after
-    stage 3 the export and its report page."""
+    """The jobs that rerun when these training stages rerun: the stages, their report pieces, the
+    probes of their conditioners, the samples of those among them that speak (samples.stages),
+    their scores, the samples and evaluation pages, and after stage 3 the export and its page."""
     jobs = {f"train_stage{k}": 1 for k in stages}
     jobs["report_stage"] = len(stages)
+    jobs |= {"probe_stage": len(stages), "report_eval": 1}
     if 2 in stages:
         jobs["report_speaker"] = 1
     speaking = [k for k in stages if k in SAMPLE_STAGES]
     if speaking:
-        jobs |= {"synthesize_samples": len(speaking), "report_samples": 1}
+        jobs |= {"synthesize_samples": len(speaking), "evaluate_stage": len(speaking), "report_samples": 1}
     if 3 in stages:
         jobs |= {"export": 1, "report_export": 1}
     return jobs
@@ -46,6 +47,10 @@ def after_training(*stages: int) -> dict[str, int]:
 
 ALL_STAGES = after_training(1, 2, 3)
 EXTRACTION = {"extract_codes": N_SHARDS, "index_codes": 1, "validate_pipeline": 1}
+# What scoring every stage reads from the evaluation config, the sample list or the codec:
+# the reference scores (topline, floor, real), each stage's scores and the two pages.
+SCORES = {"evaluate_reference": 1, "evaluate_stage": len(SAMPLE_STAGES), "report_samples": 1, "report_eval": 1}
+PROBES = {"probe_stage": 3, "report_eval": 1}
 # What reads bpe.model or vocab_report.json: the gate, training and the data report.
 VOCAB = {"train_vocab": 1, "validate_pipeline": 1, "report_data": 1} | ALL_STAGES
 
@@ -71,7 +76,7 @@ def _runtime_knobs(c):
 CASES = [
     Case("stage3-lr", after_training(3), config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
     Case("stage1-steps", ALL_STAGES, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
-    Case("codec", EXTRACTION | ALL_STAGES, config=lambda c: c["codec"].update(n_quantizers=2)),
+    Case("codec", EXTRACTION | ALL_STAGES | SCORES, config=lambda c: c["codec"].update(n_quantizers=2)),
     # index_codes' own check: the index and what reads it, not the shards.
     Case("frame-tolerance", {"index_codes": 1, "validate_pipeline": 1} | ALL_STAGES,
          config=lambda c: c["codes"].update(frame_tolerance=3.0)),
@@ -81,14 +86,19 @@ CASES = [
          args=("--until", "select_speakers"), fresh=True),
     Case("runtime-knobs", {}, config=_runtime_knobs),
     Case("text-normalisation",
-         {"clean_manifest": 1, "select_speakers": 1, "sample_list": 1} | EXTRACTION | VOCAB | ALL_STAGES,
+         {"clean_manifest": 1, "select_speakers": 1, "sample_list": 1} | EXTRACTION | VOCAB | ALL_STAGES | SCORES,
          config=lambda c: c["text"].update(punctuation_map={"!": "።"})),
     Case("speakers-top-k", {"select_speakers": 1, "report_data": 1} | after_training(2, 3),
          config=lambda c: c["speakers"].update(top_k=3)),
     Case("vocab-size", VOCAB, config=lambda c: c["vocab"].update(vocab_size=200)),
     Case("vocab-module", VOCAB, module="vocab.py"),
-    Case("sampling", {"synthesize_samples": len(SAMPLE_STAGES), "report_samples": 1},
+    Case("sampling", {"synthesize_samples": len(SAMPLE_STAGES), "evaluate_stage": len(SAMPLE_STAGES),
+                      "report_samples": 1, "report_eval": 1},
          config=lambda c: c["synthesize"].update(temperature=0.5)),
+    # Scoring reads neither training nor sampling: an evaluation change rescores the same WAVs.
+    Case("eval-candidates", SCORES, config=lambda c: c["eval"].update(candidates=5)),
+    Case("eval-module", SCORES | PROBES, module="evaluation/acoustic.py"),
+    Case("probe-folds", PROBES, config=lambda c: c["eval"]["probe"].update(folds=3)),
     Case("released-config", {"export": 1, "report_export": 1}, config=lambda c: c["pretrained"].update(config="config.yaml")),
 ]
 

@@ -147,8 +147,35 @@ def test_demo_dag_yields_samples_export_and_report(demo):
     assert "3 codebooks" in export["official_refused"]
     assert sorted(p.name for p in (demo / "results/export").iterdir() if not p.name.startswith(".")) == export["files"]
     for piece in ("data/data.html", "data/durations.png", "data/speakers.png", "stage2/speaker.png", "export.html",
-                  "samples/index.html", *(f"stage{k}/{n}" for k in (1, 2, 3) for n in ("losses.png", "summary.html"))):
+                  "samples/index.html", "eval/evaluation.html", "eval/measures.png",
+                  *(f"stage{k}/{n}" for k in (1, 2, 3) for n in ("losses.png", "summary.html"))):
         assert (demo / "results/report" / piece).stat().st_size > 0, piece
+
+
+def test_demo_dag_scores_every_stage_beside_the_topline_and_floor(demo):
+    """evaluate_reference once, evaluate_stage and probe_stage per stage: one score row per
+    sample, the measures with n and an interval, the codec topline's WAVs, the probes."""
+    names = [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]
+    ref = pd.read_parquet(demo / "results/eval/reference/scores.parquet")
+    assert sorted(ref.loc[ref["system"] == "topline", "name"]) == sorted(names)
+    assert set(ref["system"]) == {"topline", "floor"}  # "real" only with eval.asr or eval.speaker models
+    for name in names:
+        assert (demo / f"results/eval/reference/topline/{name}.wav").stat().st_size > 0
+    for stage in (1, 2, 3):  # each stage reused the reference's analyses of the real recordings
+        assert "real recordings' features reused" in (demo / f"logs/eval/stage{stage}.log").read_text()
+    for stage in (1, 2, 3):
+        scores = pd.read_parquet(demo / f"results/eval/stage{stage}/scores.parquet")
+        assert sorted(scores["name"]) == sorted(names)
+        summary = json.loads((demo / f"results/eval/stage{stage}/summary.json").read_text())
+        for measure in ("mcd", "log_f0_rmse", "vuv_error", "duration_ratio", "retrieval_hit", "stop_reached"):
+            m = summary["measures"][measure]
+            assert m["n"] > 0 and m["ci_low"] <= m["mean"] <= m["ci_high"], (stage, measure, m)
+        assert summary["retrieval_chance"] == pytest.approx(0.1)
+        assert summary["topline"]["mcd"]["n"] == len(names) and summary["floor"]["mcd"]["mean"] > 0
+        assert isinstance(summary["does_not_speak"], list)
+        probe = json.loads((demo / f"results/eval/stage{stage}/probe.json").read_text())
+        speaker = probe["probes"]["speaker_from_emo_vec"]
+        assert speaker["k"] == 6 and speaker["chance"] == pytest.approx(1 / 6) and 0 <= speaker["accuracy"] <= 1
 
 
 def test_demo_report_zip_opens_in_chromium(demo, tmp_path):
@@ -158,11 +185,20 @@ def test_demo_report_zip_opens_in_chromium(demo, tmp_path):
     assert "Report created" in proc.stdout + proc.stderr
     seen = open_in_chromium(demo / "results/report.zip", tmp_path)
     page = demo / "results/report/samples"
-    check_report(seen, tmp_path, n_images=2 + 2 * 3 + 1, wav_of=lambda url: page / url.split("/", 5)[5])
+    # data (2), per stage losses and summary (2 x 3), stage 2's speaker plot, the evaluation plot
+    check_report(seen, tmp_path, n_images=2 + 2 * 3 + 1 + 1, wav_of=lambda url: page / url.split("/", 5)[5])
     generated = {a["src"] for a in seen["audio"] if a["src"].startswith("stage")}
     assert generated == {f"stage{k}/{n}.wav" for k in (1, 2, 3)
                          for n in [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]}
-    assert {p["title"] for p in seen["pages"]} >= {"Data", "Stage 1", "Stage 2", "Stage 3", "Samples per stage", "Export"}
+    assert {p["title"] for p in seen["pages"]} >= {"Data", "Stage 1", "Stage 2", "Stage 3", "Samples per stage", "Export",
+                                                  "Evaluation"}
+    evaluation = next(p for p in seen["pages"] if p["title"] == "Evaluation")
+    assert evaluation["tables"] >= 2 and "text retrieval top-1" in evaluation["text"] and "MCD-DTW" in evaluation["text"]
+    # every sample of every stage: its spectrograms (generated, real, topline) load with a size
+    spectra = [i for i in seen["page_images"] if i["src"].startswith("spectra/")]
+    assert sorted(i["src"] for i in spectra) == sorted(f"spectra/stage{k}_{n}.png" for k in (1, 2, 3)
+                                                      for n in [f"same-{i:02d}" for i in range(4)] + ["cross-00", "cross-01"])
+    assert all(i["w"] > 400 and i["h"] > 100 for i in spectra)
 
 
 def test_each_stage_speaks_from_its_folder_and_the_codec_alone(demo, tmp_path):

@@ -25,12 +25,14 @@ different rates and mel-cepstra of different orders cannot be compared.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
@@ -357,3 +359,49 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def save(self, path: str | os.PathLike, keep: Callable[[Path], bool] = lambda p: True) -> Path:
+        """Write the cached features of the files ``keep`` accepts to ``path`` (``.npz``, no
+        pickles), each with the file's size and mtime, so a later run reuses them (:meth:`load`)
+        instead of analysing the same real recordings again."""
+        from indextts.files import atomic_path
+
+        entries = [(p, f) for (p, _), f in self._cache.items() if keep(p) and p.is_file()]
+        arrays: dict[str, np.ndarray] = {}
+        index = []
+        for i, (p, f) in enumerate(entries):
+            st = p.stat()
+            index.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "seconds": f.seconds})
+            arrays[f"mcep_{i}"], arrays[f"f0_{i}"] = f.mcep, f.f0
+        meta = {"config": dataclasses.asdict(self.cfg), "entries": index}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+        return Path(path)
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Add the features :meth:`save` wrote to ``path``, when they were computed under this
+        cache's config; entries whose file changed (size or mtime) since are left out.
+
+        Returns:
+            How many entries were taken (0 when the file's config differs).
+
+        Raises:
+            ValueError: ``path`` is not such a file; the message names it.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta["config"] != dataclasses.asdict(self.cfg):
+                    return 0
+                taken = 0
+                for i, e in enumerate(meta["entries"]):
+                    p = Path(e["path"])
+                    st = p.stat() if p.is_file() else None
+                    if st is None or (st.st_size, st.st_mtime_ns) != (e["size"], e["mtime_ns"]):
+                        continue
+                    self._cache[(p, self.cfg)] = AcousticFeatures(
+                        mcep=z[f"mcep_{i}"], f0=z[f"f0_{i}"], seconds=float(e["seconds"]))
+                    taken += 1
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a features file written by FeatureCache.save ({e})") from e
+        return taken

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from indextts.config import ConfigError, get_section, load_config_arg, section_dict
-from indextts.evaluation.acoustic import AcousticConfig
+from indextts.evaluation.acoustic import AcousticConfig, FeatureCache
 from indextts.evaluation.asr import AsrConfig
 from indextts.evaluation.speaker import SpeakerConfig
 
@@ -296,9 +296,9 @@ def score_clips(clips: Sequence[str], table: "pd.DataFrame", cands: Mapping[str,
     """
     import pandas as pd
 
-    from indextts.evaluation.acoustic import FeatureCache, compare, retrieve
+    from indextts.evaluation.acoustic import compare, retrieve
 
-    cache = cache or FeatureCache(cfg.acoustic)
+    cache = cache if cache is not None else FeatureCache(cfg.acoustic)
     rows = []
     for clip, r in zip(clips, table.to_dict("records")):
         gen, ref = cache(clip), cache(r["reference"])
@@ -370,8 +370,8 @@ def _reference_summaries(reference: "pd.DataFrame | None", names: Sequence[str],
 
 
 def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path | None = None,
-                   wav_dir: Path | None = None, reference: Path | None = None, normalize: Callable[[str], str] = str,
-                   language: str = "", label: str = "", log=print) -> dict:
+                   wav_dir: Path | None = None, reference: Path | None = None, features: Path | None = None,
+                   normalize: Callable[[str], str] = str, language: str = "", label: str = "", log=print) -> dict:
     """Score a folder of generated WAVs (``<name>.wav``) against their real recordings.
 
     Args:
@@ -380,6 +380,8 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
         clean: ``clean.parquet`` for the retrieval candidates (else the table's own references).
         wav_dir: where ``<name>.wav`` are (default: the table's folder).
         reference: ``evaluate-reference``'s ``scores.parquet`` (topline, floor, real), put beside.
+        features: ``evaluate-reference``'s ``features.npz``: the real recordings' analyses, reused
+            (every stage scores against the same references and candidates).
         normalize: the text normaliser applied to ASR hypotheses and texts before scoring.
         language: the text's language (whether WER is meaningful).
         label: what was scored, for the summary (``stage3``).
@@ -400,7 +402,14 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
         raise EvaluationError(f"{samples}: {len(missing)} generated WAV(s) missing, e.g. {missing[0]}")
     cands = candidate_sets(table, clean, cfg.candidates, cfg.seed)
     models = ModelMeasures(cfg, normalize, language, log=log)
-    scores = score_clips(clips, table, cands, cfg, models)
+    cache = FeatureCache(cfg.acoustic)
+    if features is not None:
+        try:
+            taken = cache.load(features)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from e
+        log(f"{features}: {taken} real recordings' features reused")
+    scores = score_clips(clips, table, cands, cfg, models, cache=cache)
     if "stop_reached" in table.columns:
         scores["stop_reached"] = [float(v == "True") if v in ("True", "False") else math.nan
                                   for v in table["stop_reached"]]
@@ -465,7 +474,6 @@ def evaluate_reference(cfg: EvalConfig, samples: Path, *, out_dir: Path, codec_w
     """
     import pandas as pd
 
-    from indextts.evaluation.acoustic import FeatureCache
     from indextts.files import write_json, write_parquet
 
     t0 = time.perf_counter()
@@ -489,6 +497,9 @@ def evaluate_reference(cfg: EvalConfig, samples: Path, *, out_dir: Path, codec_w
         parts.append(real.assign(system="real"))
     scores = pd.concat(parts, ignore_index=True)
     path = write_parquet(pa_table(scores), Path(out_dir) / "scores.parquet")
+    # The real recordings' analyses (references, candidates, floors), for every stage to reuse.
+    topline_dir = (Path(out_dir) / "topline").resolve()
+    cache.save(Path(out_dir) / "features.npz", keep=lambda p: topline_dir not in p.parents)
     summary = {system: summarize(part, cfg.seed, cfg.n_boot) for system, part in scores.groupby("system", sort=True)}
     write_json(Path(out_dir) / "summary.json", {"samples": str(samples), "n": len(table), "systems": summary,
                                                "models": models.names(), "seconds": round(time.perf_counter() - t0, 2)})
@@ -529,6 +540,7 @@ def cli_evaluate(argv: list[str]) -> int:
     p.add_argument("--wav-dir", help="where <name>.wav are (default: the table's folder)")
     p.add_argument("--clean", help="clean.parquet: other recordings of each speaker for text retrieval")
     p.add_argument("--reference", help="evaluate-reference's scores.parquet (topline, floor), put beside the scores")
+    p.add_argument("--features", help="evaluate-reference's features.npz: the real recordings' analyses, reused")
     p.add_argument("--out-dir", required=True, help="gets scores.parquet and summary.json")
     p.add_argument("--label", default="", help="what is scored, e.g. stage3")
     p.add_argument("--config", help="config file or inline JSON with the eval and text sections")
@@ -540,7 +552,8 @@ def cli_evaluate(argv: list[str]) -> int:
     try:
         summary = evaluate_stage(cfg, Path(a.samples), out_dir=Path(a.out_dir), clean=Path(a.clean) if a.clean else None,
                                  wav_dir=Path(a.wav_dir) if a.wav_dir else None,
-                                 reference=Path(a.reference) if a.reference else None, normalize=normalize,
+                                 reference=Path(a.reference) if a.reference else None,
+                                 features=Path(a.features) if a.features else None, normalize=normalize,
                                  language=language, label=a.label)
     except (EvaluationError, EvalModelError) as e:
         print(f"indextts evaluate: {e}", file=sys.stderr)
@@ -550,13 +563,30 @@ def cli_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def cli_eval_summary(argv: list[str]) -> int:
+    """``indextts eval-summary SUMMARY...``: print each ``summary.json`` as ``evaluate`` does."""
+    p = argparse.ArgumentParser(prog="indextts eval-summary", description=cli_eval_summary.__doc__)
+    p.add_argument("summaries", nargs="+", help="results/eval/stageN/summary.json files")
+    a = p.parse_args(argv)
+    for path in a.summaries:
+        try:
+            summary = json.loads(Path(path).read_text(encoding="utf-8"))
+            print(f"{summary['what']}: {summary['n']} samples ({path})")
+            _print_summary(summary)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"indextts eval-summary: {path}: not an evaluate summary.json ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cli_evaluate_reference(argv: list[str]) -> int:
     """``indextts evaluate-reference``: score the codec topline, the floor and the real recordings."""
     p = argparse.ArgumentParser(prog="indextts evaluate-reference", description=cli_evaluate_reference.__doc__)
     p.add_argument("--samples", required=True, help="the sample list (results/samples/list.tsv)")
     p.add_argument("--clean", help="clean.parquet: other recordings of each speaker (retrieval and the floor)")
     p.add_argument("--codec-weights", help="the DAC weights the codes were made with (the topline); none: no topline")
-    p.add_argument("--out-dir", required=True, help="gets scores.parquet, summary.json and topline/<name>.wav")
+    p.add_argument("--out-dir", required=True,
+                   help="gets scores.parquet, summary.json, features.npz and topline/<name>.wav")
     p.add_argument("--config", help="config file or inline JSON with the eval, text, codec and model sections")
     a = p.parse_args(argv)
     cfg, config = _sections(a.config)
