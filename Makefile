@@ -46,7 +46,8 @@ demo: $(STAMP)
 	@echo "report:  $(RESULTS)/report.zip (unzip it, open report/report.html in a browser)"
 	@echo "samples: $(RESULTS)/samples/stage{1,2,3}/*.wav and samples.tsv (played in the report's 6. Samples)"
 	@echo "scores:  $(RESULTS)/eval/stageN/summary.json (the report's 5. Evaluation); the last stage's:"
-	@$(BIN)/indextts eval-summary $$(ls $(RESULTS)/eval/stage*/summary.json | tail -n 1)
+	@last=$$(ls $(RESULTS)/eval/stage*/summary.json 2>/dev/null | tail -n 1); \
+	if [ -n "$$last" ]; then $(BIN)/indextts eval-summary "$$last"; else echo "  (no stage scored: samples.stages is empty)"; fi
 	@echo "export:  $(RESULTS)/export/ (export_report.json says what IndexTTS2 can do with it)"
 	@echo "logs:    $(LOGS)/<stage>/"
 
