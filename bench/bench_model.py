@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indextts.model import build_model, model_config
-from indextts.model.flops import flops_per_token, per_token_params
+import torch  # noqa: E402
+
+from bench.benchmarks_md import cpu_name  # noqa: E402
+from indextts.model import build_model, model_config  # noqa: E402
+from indextts.model.flops import flops_per_token, per_token_params  # noqa: E402
 
 # Per preset: batch size and (min, max) lengths of text tokens, code frames, conditioning frames.
 # tiny: demo-like clips (1-6 s at 50 code frames/s, 6 s reference); small: 4-12 s clips.
@@ -99,16 +103,6 @@ def bench(preset: str, steps: int, codebooks: list[int]) -> list[dict]:
         for run in runs:
             run.step(i, timed=i >= 2)  # two warm-up steps excluded
     return [run.result() for run in runs]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -18,3 +19,14 @@ def write_section(text: str, begin: str, end: str, anchor: str | None = None, pa
     else:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(doc, encoding="utf-8")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
