@@ -119,6 +119,9 @@ class CleanConfig:
     probe_workers: int = 8  # threads probing audio headers (I/O-bound: more than cores is fine)
     val_fraction: float = 0.02  # share of utterances in the val split, chosen by hash of utt_id
     split_salt: str = ""  # changes which utterances land in val without touching utt_ids
+    # share of distinct (normalised) texts held out whole: every utterance of such a text is in
+    # val, so the model never trains on it (the samples' `novel` kind reads new text)
+    val_text_fraction: float = 0.0
     drop_duplicates: bool = True  # reject rows repeating an earlier utt_id or audio file
 
 
@@ -1096,7 +1099,8 @@ class _CleanFile:
     GIL; this way it runs beside the other work instead of after it).
 
     The split is decided here: val when :func:`stable_fraction` of the utt_id is below
-    ``clean.val_fraction``. A corpus whose kept rows all land in train still gets one val
+    ``clean.val_fraction``, or that of the normalised text below ``clean.val_text_fraction``
+    (every utterance of a held-out text). A corpus whose kept rows all land in train still gets one val
     utterance (the one with the smallest fraction), so spans are held back until a val row has
     been seen and that can no longer happen.
     """
@@ -1115,6 +1119,10 @@ class _CleanFile:
 
     def add(self, table: pa.Table) -> None:
         frac = stable_fraction(table.column("utt_id"), self.cfg.split_salt)
+        if self.cfg.val_text_fraction > 0:
+            # a held-out text's utterances get a fraction below any val_fraction: val
+            text = stable_fraction(table.column("text"), "text:" + self.cfg.split_salt)
+            frac = np.where(text < self.cfg.val_text_fraction, -1.0, frac)
         self.held.append((table, frac))
         self.any_val = self.any_val or bool((frac < self.cfg.val_fraction).any())
         if self.any_val:

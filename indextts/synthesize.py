@@ -97,12 +97,14 @@ class SamplesConfig:
     n_cross: int = 2  # val texts in speaker A's timbre with an utterance of speaker B as emotion prompt
     stages: tuple[int, ...] = (1, 2, 3)  # training stages that get samples
     seed: int = 0  # which utterances are drawn
+    n_novel: int = 0  # val texts never in train (clean.val_text_fraction), with a same-speaker prompt
 
     def __post_init__(self) -> None:
         p = []
-        if self.n_same < 0 or self.n_cross < 0 or self.n_same + self.n_cross < 1:
-            p.append(f"samples.n_same and samples.n_cross must be >= 0 with at least one sample, got "
-                     f"{self.n_same} and {self.n_cross}")
+        counts = (self.n_same, self.n_cross, self.n_novel)
+        if min(counts) < 0 or sum(counts) < 1:
+            p.append(f"samples.n_same, n_cross and n_novel must be >= 0 with at least one sample, got "
+                     f"{self.n_same}, {self.n_cross} and {self.n_novel}")
         bad = [s for s in self.stages if s not in (1, 2, 3)]
         if bad or len(set(self.stages)) != len(self.stages):
             p.append(f"samples.stages must be distinct stages among 1, 2, 3, got {list(self.stages)}")
@@ -110,13 +112,16 @@ class SamplesConfig:
             raise ConfigError("invalid config:\n  " + "\n  ".join(p))
 
     def names(self) -> list[str]:
-        """The sample names, in order: ``same-00`` ... then ``cross-00`` ... (the WAV file stems)."""
-        return sample_names(self.n_same, self.n_cross)
+        """The sample names, in order: ``same-00`` ..., ``cross-00`` ..., ``novel-00`` ... (the
+        WAV file stems)."""
+        return sample_names(self.n_same, self.n_cross, self.n_novel)
 
 
-def sample_names(n_same: int, n_cross: int) -> list[str]:
-    """``same-00 .. same-{n_same-1}``, then ``cross-00 ..``; rules/common.smk builds the same list."""
-    return [f"same-{i:02d}" for i in range(n_same)] + [f"cross-{i:02d}" for i in range(n_cross)]
+def sample_names(n_same: int, n_cross: int, n_novel: int = 0) -> list[str]:
+    """``same-00 .. same-{n_same-1}``, then ``cross-00 ..``, then ``novel-00 ..``;
+    rules/common.smk builds the same list."""
+    return ([f"same-{i:02d}" for i in range(n_same)] + [f"cross-{i:02d}" for i in range(n_cross)]
+            + [f"novel-{i:02d}" for i in range(n_novel)])
 
 
 @dataclass(frozen=True)
@@ -429,8 +434,14 @@ def write_table(frame: "pd.DataFrame", path: str | Path) -> Path:
 
 def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame":
     """The fixed sample set: ``cfg.n_same`` val texts spoken with another held-out (val) utterance
-    of the same speaker as prompt, and ``cfg.n_cross`` val texts in speaker A's timbre with a
-    held-out utterance of speaker B (another emotion where there is one) as emotion prompt.
+    of the same speaker as prompt, ``cfg.n_cross`` val texts in speaker A's timbre with a
+    held-out utterance of speaker B (another emotion where there is one) as emotion prompt, and
+    ``cfg.n_novel`` val texts that never occur in train, with a same-speaker prompt.
+
+    With ``n_novel`` > 0 the same and cross texts are val utterances whose text does occur in
+    train (spoken there by another voice or prosody), so the kinds measure two things: speaking
+    a known text in a new voice, and reading a new text. Without, they are any val utterances
+    (as on a real corpus, where most texts are unique).
 
     Returns:
         A request table (``name``, ``kind``, ``text``, ``speaker``, ``speaker_prompt``,
@@ -446,31 +457,44 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
     clean = pd.read_parquet(clean_path, columns=["utt_id", "audio_path", "text", "speaker", "emotion", "split"])
     val = clean[clean["split"] == "val"].sort_values("utt_id")
     by_spk = {s: g.to_dict("records") for s, g in val.groupby("speaker", sort=True)}
-    eligible = [s for s, rows in by_spk.items() if len(rows) >= 2]
-    if not eligible:
+    trained = set(clean.loc[clean["split"] == "train", "text"])
+    seen = {s: [r for r in rows if not cfg.n_novel or r["text"] in trained] for s, rows in by_spk.items()}
+    novel = {s: [r for r in rows if r["text"] not in trained] for s, rows in by_spk.items()}
+    eligible = [s for s, rows in by_spk.items() if len(rows) >= 2 and seen[s]]
+    if cfg.n_same + cfg.n_cross and not eligible:
         raise SynthesisError(f"{clean_path}: no speaker has two val utterances (a text and a held-out prompt); "
                              "raise clean.val_fraction or set samples.n_same and n_cross lower")
     if cfg.n_cross and len(eligible) < 2:
         raise SynthesisError(f"{clean_path}: cross samples need two speakers with two val utterances each, found "
                              f"{len(eligible)}; set samples.n_cross: 0")
+    novel_eligible = [s for s, rows in by_spk.items() if len(rows) >= 2 and novel[s]]
+    if cfg.n_novel and not novel_eligible:
+        raise SynthesisError(f"{clean_path}: no val text is absent from train, so there is nothing novel to read; "
+                             "raise clean.val_text_fraction or set samples.n_novel: 0")
     rng = np.random.default_rng(cfg.seed)
     speakers = [eligible[i] for i in rng.permutation(len(eligible))]
     used: set[str] = set()
 
-    def draw(spk: str, avoid: set[str]) -> dict:
-        rows = by_spk[spk]
+    def draw(rows: list[dict], avoid: set[str]) -> dict:
         fresh = [r for r in rows if r["utt_id"] not in avoid and r["utt_id"] not in used]
         pool = fresh or [r for r in rows if r["utt_id"] not in avoid]
         return pool[int(rng.integers(len(pool)))]
 
+    def row(name: str, kind: str, spk: str, target: dict, prompt: dict, emo_row: dict, emo_spk: str) -> dict:
+        return {
+            "name": name, "kind": kind, "text": target["text"], "speaker": spk,
+            "speaker_prompt": prompt["audio_path"],
+            "emotion_prompt": emo_row["audio_path"] if kind == "cross" else "", "emotion_speaker": emo_spk,
+            "emotion": str(emo_row["emotion"] or ""), "reference": target["audio_path"], "utt_id": target["utt_id"],
+        }
+
     out = []
-    total = cfg.n_same + cfg.n_cross
     names = cfg.names()
-    for i in range(total):
+    for i in range(cfg.n_same + cfg.n_cross):
         spk = speakers[i % len(speakers)]
-        target = draw(spk, set())
+        target = draw(seen[spk], set())
         used.add(target["utt_id"])
-        prompt = draw(spk, {target["utt_id"]})
+        prompt = draw(by_spk[spk], {target["utt_id"]})
         used.add(prompt["utt_id"])
         emo_row, emo_spk = prompt, spk
         if i >= cfg.n_same:
@@ -480,12 +504,16 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
             differ = [r for r in rows if r["emotion"] and r["emotion"] != prompt["emotion"]]
             pool = differ or rows
             emo_row = pool[int(rng.integers(len(pool)))]
-        out.append({
-            "name": names[i], "kind": "same" if i < cfg.n_same else "cross", "text": target["text"],
-            "speaker": spk, "speaker_prompt": prompt["audio_path"],
-            "emotion_prompt": "" if i < cfg.n_same else emo_row["audio_path"], "emotion_speaker": emo_spk,
-            "emotion": str(emo_row["emotion"] or ""), "reference": target["audio_path"], "utt_id": target["utt_id"],
-        })
+        out.append(row(names[i], "same" if i < cfg.n_same else "cross", spk, target, prompt, emo_row, emo_spk))
+    if cfg.n_novel:
+        novel_speakers = [novel_eligible[i] for i in rng.permutation(len(novel_eligible))]
+        for j in range(cfg.n_novel):
+            spk = novel_speakers[j % len(novel_speakers)]
+            target = draw(novel[spk], set())
+            used.add(target["utt_id"])
+            prompt = draw(by_spk[spk], {target["utt_id"]})
+            used.add(prompt["utt_id"])
+            out.append(row(names[cfg.n_same + cfg.n_cross + j], "novel", spk, target, prompt, prompt, spk))
     return pd.DataFrame(out)
 
 

@@ -351,8 +351,10 @@ SAMPLE_STAGES = sample_stages()
 def sample_names():
     """The sample WAV stems, as indextts.synthesize.sample_names builds them."""
     s = config["samples"]
-    return [f"same-{i:02d}" for i in range(int(s["n_same"]))] + [
-        f"cross-{i:02d}" for i in range(int(s["n_cross"]))
+    return [
+        f"{kind}-{i:02d}"
+        for kind in ("same", "cross", "novel")
+        for i in range(int(s.get(f"n_{kind}", 0)))
     ]
 
 

@@ -131,6 +131,28 @@ def test_split_is_deterministic_by_utt_id_and_salt(tmp_path):
     assert "val" in set(a.split)
 
 
+def test_held_out_texts_land_in_val_with_all_their_utterances(tmp_path):
+    # 8 texts x 3 speakers; val_fraction 0: only whole held-out texts are in val
+    texts = [f"ሰላም {k} ጤና" for k in "ሀለሐመሠረሰቀ"]
+    rows = []
+    for i in range(24):
+        wav(tmp_path / f"v{i}.wav", 1.0 + 0.1 * (i % 5))
+        rows.append({"id": f"v{i}", "audio": f"v{i}.wav", "text": texts[i % 8], "speaker": f"s{i % 3}"})
+    m = write_jsonl(tmp_path / "m.jsonl", rows)
+    clean, _, summary = run(tmp_path, [m], clean=CleanConfig(val_fraction=0.0, val_text_fraction=0.4))
+    per_text = clean.groupby("text")["split"].agg(lambda s: set(s))
+    assert all(s in ({"val"}, {"train"}) for s in per_text), per_text  # a text is held out whole or not at all
+    held = sum(s == {"val"} for s in per_text)
+    assert 0 < held < len(texts) and (clean["split"] == "val").sum() == 3 * held
+    reversed_, _, _ = run(tmp_path, [write_jsonl(tmp_path / "r.jsonl", rows[::-1])],
+                          clean=CleanConfig(val_fraction=0.0, val_text_fraction=0.4))
+    assert dict(zip(clean.utt_id, clean.split)) == dict(zip(reversed_.utt_id, reversed_.split))  # by hash
+    # off (the default): the split is the utterance hash alone, as before
+    plain, _, _ = run(tmp_path, [m], clean=CleanConfig(val_fraction=0.3))
+    again, _, _ = run(tmp_path, [m], clean=CleanConfig(val_fraction=0.3, val_text_fraction=0.0))
+    assert plain["split"].tolist() == again["split"].tolist()
+
+
 def test_probe_reports_missing_file(tmp_path):
     info = probe_audio(str(tmp_path / "none.wav"))
     assert info.reason == "missing_file"

@@ -424,6 +424,42 @@ def test_sample_set_draws_held_out_prompts_and_cross_pairs(tmp_path: Path) -> No
         select_samples(cfg, clean_table(tmp_path / "none.parquet", {"a": 1}))
 
 
+def test_novel_samples_read_texts_never_trained_on_and_the_others_known_ones(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from indextts.synthesize import SamplesConfig, SynthesisError, select_samples
+
+    # 4 speakers x 6 utterances of texts t0..t5; t4 and t5 are held out whole (all in val), and
+    # each speaker has one more val utterance of a text that train also has.
+    rows = []
+    for spk in "abcd":
+        for j in range(6):
+            held = j >= 4
+            rows.append({"utt_id": f"{spk}_{j}", "audio_path": f"/data/{spk}_{j}.wav", "text": f"t{j}", "speaker": spk,
+                         "emotion": "", "split": "val" if held or j == ord(spk) % 4 else "train"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "clean.parquet")
+    clean = pd.read_parquet(tmp_path / "clean.parquet")
+    trained = set(clean.loc[clean["split"] == "train", "text"])
+    cfg = SamplesConfig(n_same=3, n_cross=2, n_novel=3, seed=0)
+    t = select_samples(cfg, tmp_path / "clean.parquet")
+    assert list(t["name"]) == cfg.names() and cfg.names()[-3:] == ["novel-00", "novel-01", "novel-02"]
+    assert list(t["kind"]) == ["same"] * 3 + ["cross"] * 2 + ["novel"] * 3
+    known = t[t["kind"] != "novel"]
+    assert known["text"].isin(trained).all()  # same and cross speak texts the model trained on
+    assert not t.loc[t["kind"] == "novel", "text"].isin(trained).any()  # novel ones it never saw
+    for r in t[t["kind"] == "novel"].to_dict("records"):
+        assert r["speaker_prompt"] != r["reference"] and r["speaker_prompt"].startswith(f"/data/{r['speaker']}_")
+        assert r["emotion_prompt"] == ""
+    # without novel samples the others may draw any val text (the old set, unchanged)
+    plain = select_samples(SamplesConfig(n_same=3, n_cross=2, seed=0), tmp_path / "clean.parquet")
+    assert list(plain["kind"]) == ["same"] * 3 + ["cross"] * 2
+    # nothing held out: a clear error naming the key to raise
+    clean.loc[clean["text"].isin(["t4", "t5"]) & (clean["speaker"] == "a"), "split"] = "train"  # now trained on
+    clean.to_parquet(tmp_path / "none.parquet")
+    with pytest.raises(SynthesisError, match="raise clean.val_text_fraction or set samples.n_novel: 0"):
+        select_samples(cfg, tmp_path / "none.parquet")
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 
