@@ -232,4 +232,4 @@ def test_released_config_reruns_only_the_export_and_batch_size_nothing(demo):
     assert jobs == {"export": 1, "report_export": 1}
     assert planned_jobs(demo, *alt_config(demo, lambda c: c["synthesize"].update(batch_size=2))) == {}
     jobs = planned_jobs(demo, *alt_config(demo, lambda c: c["synthesize"].update(temperature=0.5)))
-    assert jobs == {"synthesize_samples": 3, "report_samples": 1}
+    assert jobs == {"synthesize_samples": 3, "evaluate_stage": 3, "report_samples": 1, "report_eval": 1}
