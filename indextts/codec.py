@@ -249,7 +249,8 @@ def load_codec(
     """Load a DAC model for encoding, safely and strictly.
 
     Args:
-        weights: a DAC weights file (``{"state_dict", "metadata": {"kwargs"}}``).
+        weights: a DAC weights file (``{"state_dict", "metadata": {"kwargs"}}``); floating tensors
+            of any precision (fp32, fp16, bf16), cast to float32.
         device: where the model goes.
         n_quantizers: keep only the first N codebooks (None: all of them).
 
@@ -286,6 +287,12 @@ def load_codec(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CodecLoadError(f"{path}: 'state_dict' is not a mapping of names to tensors")
     _check_state_dict(path, model, state)
+    not_float = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        raise CodecLoadError(f"{path}: {len(not_float)} tensors are not floating point (first: "
+                             f"{', '.join(not_float[:6])}); these are not DAC weights")
+    # A file saved in fp16 or bf16 (the committed demo codec is fp16) is computed in fp32 like any
+    # other: codes are argmins and must not depend on the file's storage precision beyond its values.
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     n_codebooks = int(model.n_codebooks)
     if n_quantizers is not None and not 1 <= n_quantizers <= n_codebooks:
