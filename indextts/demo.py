@@ -230,6 +230,10 @@ class DemoConfig:
     dirty: bool = True
     # espeak-ng processes run at once.
     workers: int = 4
+    # The demo's codec (rule make_demo_codec): packaged (the committed trained DAC), train (train
+    # it on this corpus in the DAG, codec_steps steps) or random (an untrained tiny DAC: noise).
+    codec: str = "packaged"
+    codec_steps: int = 3000
 
     def __post_init__(self) -> None:
         errors = []
@@ -246,6 +250,10 @@ class DemoConfig:
             errors.append(f"demo.emotions: each emotion may appear once, got {list(self.emotions)}")
         if self.workers < 1:
             errors.append(f"demo.workers: must be at least 1, got {self.workers}")
+        if self.codec not in ("packaged", "train", "random"):
+            errors.append(f"demo.codec: must be packaged, train or random, got {self.codec!r}")
+        if self.codec_steps < 1:
+            errors.append(f"demo.codec_steps: must be at least 1, got {self.codec_steps}")
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -13,18 +13,38 @@ FEATURE_FILES = expand(f"{CODES}/features/{{name}}", name=SHARD_FILES) if STORE_
 
 
 if config["demo"]["enabled"]:
+    # demo.codec: packaged installs the committed trained DAC, train trains it here on the
+    # corpus's train split (it then waits for clean_manifest), random writes an untrained one.
+    DEMO_CODEC_MODE = config["demo"]["codec"]
+    DEMO_CODEC_SHELL = {
+        "packaged": "indextts demo-codec --packaged --output {output.weights:q} > {log} 2>&1",
+        "train": "indextts demo-codec --manifest {input.clean:q} --output {output.weights:q}"
+        " --steps {params.steps} --seed {params.seed} --threads {threads} --no-progress > {log} 2>&1",
+        "random": "indextts make-demo-codec --output {output.weights:q} > {log} 2>&1",
+    }[DEMO_CODEC_MODE]
 
     rule make_demo_codec:
+        input:
+            # train: the corpus; packaged: the committed file, so a new one is installed
+            **{
+                "train": {"clean": f"{RESULTS}/clean/clean.parquet"},
+                "packaged": {"packaged": "indextts/data/demo_codec/dac_demo_16khz.pth"},
+            }.get(DEMO_CODEC_MODE, {}),
         output:
             weights=DEMO_CODEC,
         log:
             f"{LOGS}/codes/make_demo_codec.log",
         conda:
             "../envs/indextts.yaml"
+        # One torch thread: the trained file's bytes are reproducible for a thread count.
+        threads: 1
         params:
-            code=code_id("codec", *CORE),
+            mode=DEMO_CODEC_MODE,
+            steps=config["demo"]["codec_steps"] if DEMO_CODEC_MODE == "train" else None,
+            seed=config["demo"]["seed"] if DEMO_CODEC_MODE == "train" else None,
+            code=code_id("codec", "demo_codec", *CORE),
         shell:
-            "indextts make-demo-codec --output {output.weights:q} > {log} 2>&1"
+            DEMO_CODEC_SHELL
 
 
 rule extract_codes:

@@ -14,7 +14,7 @@ if config["demo"]["enabled"]:
             "../envs/indextts.yaml"
         threads: config["demo"]["workers"]
         params:
-            cfg=stage_config("demo"),
+            cfg=stage_config("demo", unread=("demo.codec", "demo.codec_steps")),
             code=code_id("demo", *CORE),
             out_dir=folder_of("manifest"),
         shell:

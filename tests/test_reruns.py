@@ -77,6 +77,9 @@ CASES = [
     Case("stage3-lr", after_training(3), config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
     Case("stage1-steps", ALL_STAGES, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
     Case("codec", EXTRACTION | ALL_STAGES | SCORES, config=lambda c: c["codec"].update(n_quantizers=2)),
+    # Another demo codec: new codes and all that reads them, never a new corpus.
+    Case("demo-codec", {"make_demo_codec": 1} | EXTRACTION | ALL_STAGES | SCORES,
+         config=lambda c: c["demo"].update(codec="random")),
     # index_codes' own check: the index and what reads it, not the shards.
     Case("frame-tolerance", {"index_codes": 1, "validate_pipeline": 1} | ALL_STAGES,
          config=lambda c: c["codes"].update(frame_tolerance=3.0)),

@@ -143,8 +143,8 @@ def test_demo_dag_yields_samples_export_and_report(demo):
             assert abs(info.duration - row.seconds) < 1e-3 and row.frames * 320 == info.frames
         assert (table["kind"] == "cross").sum() == 2 and (table.loc[table["kind"] == "cross", "emotion_prompt"] != "").all()
     export = json.loads((demo / "results/export/export_report.json").read_text())
-    assert export["reimport"]["ok"] and export["n_codebooks"] == 3  # the demo's DAC: our folder, with the reason
-    assert "3 codebooks" in export["official_refused"]
+    assert export["reimport"]["ok"] and export["n_codebooks"] == 4  # the demo's DAC: our folder, with the reason
+    assert "4 codebooks" in export["official_refused"]
     assert sorted(p.name for p in (demo / "results/export").iterdir() if not p.name.startswith(".")) == export["files"]
     for piece in ("data/data.html", "data/durations.png", "data/speakers.png", "stage2/speaker.png", "export.html",
                   "samples/index.html", "eval/evaluation.html", "eval/measures.png",
