@@ -453,9 +453,10 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
         return f'<audio controls preload="metadata" src="{html.escape(rel)}"></audio>' if rel else ""
 
     body = [f'<p><a href="{REPORT_FROM_SAMPLES}" target="_top">&larr; back to the report</a></p>',
-            "<p>Each stage speaks the same texts (val utterances, never trained on) with held-out prompts of the "
-            "same speaker (<i>same</i>), and in one speaker's timbre with another speaker's emotion prompt "
-            f"(<i>cross</i>). Prompts play as the model heard them (their first {prompt_seconds:g} s). RTF: wall time "
+            "<p>Each stage speaks the same texts (val utterances: their recordings were never trained on) with "
+            "held-out prompts of the same speaker (<i>same</i>), in one speaker's timbre with another speaker's "
+            "emotion prompt (<i>cross</i>), and, where clean.val_text_fraction holds texts out, texts training never "
+            f"saw (<i>novel</i>). Prompts play as the model heard them (their first {prompt_seconds:g} s). RTF: wall time "
             "of the batch over the audio it produced.</p>"]
     for stage in sorted(tables):
         table = pd.read_csv(tables[stage], sep="\t", dtype=str, keep_default_na=False)
@@ -567,7 +568,8 @@ def eval_page(summaries: Mapping[int, Mapping[str, Any]], probes: Mapping[int, M
         for why in summaries[s].get("does_not_speak") or []:
             body.append(f'<p class="warn"><b>Stage {s} does not yet speak the text:</b> {_esc(why)}</p>')
     body.append(
-        "<p>Each stage's samples (val texts, never trained on) are scored against the real recording of the same "
+        "<p>Each stage's samples (val utterances, whose recordings were never trained on; <i>novel</i> ones read "
+        "texts training never saw) are scored against the real recording of the same "
         "text. <b>Topline</b>: that recording through the codec, with the codebooks the model learns (the best any "
         "model on these codes can do). <b>Floor</b>: a real recording of the same speaker with another text (what "
         "a model that learned nothing of the text scores). <b>Real</b>: the recording itself (the ASR's own error, "
