@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from indextts.codec import DAC_16KHZ_KWARGS, decode_codes, encode_batch, load_codec, make_demo_codec
+from indextts.audio.dac import DAC_16KHZ_KWARGS, decode_codes, encode_batch, load_codec, make_demo_codec
 from indextts.features import FeatureConfig, load_audio, log_mel
 
 MEL = FeatureConfig(n_mels=80, n_fft=1024, win_length=1024, hop_length=320, f_max=None)

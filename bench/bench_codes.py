@@ -55,7 +55,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
-from indextts.codec import DAC_16KHZ_KWARGS, CodecConfig, _import_dac, make_demo_codec  # noqa: E402
+from indextts.audio.dac import DAC_16KHZ_KWARGS, _import_dac, make_demo_codec# noqa: E402
+from indextts.codes import CodecConfig# noqa: E402
 from indextts.codes import (  # noqa: E402
     CodesConfig,
     _write_parquet,

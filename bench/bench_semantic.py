@@ -48,7 +48,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_codes import machine, make_corpus  # noqa: E402
-from indextts.codec import CodecConfig  # noqa: E402
+from indextts.codes import CodecConfig# noqa: E402
 from indextts.codes import CodesConfig, _write_parquet, extract_codes, read_audio, read_shard_codes, shard_table  # noqa: E402
 from indextts.features import (  # noqa: E402
     PromptFeaturesConfig,
@@ -58,7 +58,7 @@ from indextts.features import (  # noqa: E402
     features_table,
     write_features,
 )
-from indextts.semantic_codec import SemanticCodec, load_semantic_encoder, make_tiny_semantic  # noqa: E402
+from indextts.audio.semantic_codec import SemanticCodec, load_semantic_encoder, make_tiny_semantic# noqa: E402
 
 OUT = ROOT / "bench" / "out" / "semantic"
 BEGIN, END = "<!-- bench_semantic.py: begin -->", "<!-- bench_semantic.py: end -->"

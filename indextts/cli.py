@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clean-manifest": ("indextts.manifest", "clean manifests into clean/rejects Parquet + summary"),
     "train-vocab": ("indextts.vocab", "train the SentencePiece vocabulary and its report"),
     "select-speakers": ("indextts.speakers", "choose the speakers for the stage-2 classifier"),
-    "make-demo-codec": ("indextts.codec", "write a tiny randomly initialised DAC for the demo"),
+    "make-demo-codec": ("indextts.demo_codec", "write a tiny randomly initialised DAC for the demo"),
     "demo-codec": ("indextts.demo_codec", "train the demo's small DAC on the demo corpus and score it, or install the committed one"),
     "extract-codes": ("indextts.codes", "encode one shard of the clean manifest into codes (DAC or semantic)"),
     "index-codes": ("indextts.codes", "index the code shards and check frame counts"),

@@ -1,7 +1,7 @@
 """Codec codes: the clean manifest encoded into sharded, reproducible Parquet files.
 
-Two codecs (``codec.kind``): DAC (:mod:`indextts.codec`, every residual codebook) or IndexTTS2's
-own MaskGCT semantic codec over w2v-BERT 2.0 features (:mod:`indextts.semantic_codec`, one
+Two codecs (``codec.kind``): DAC (:mod:`indextts.audio.dac`, every residual codebook) or IndexTTS2's
+own MaskGCT semantic codec over w2v-BERT 2.0 features (:mod:`indextts.audio.semantic_codec`, one
 codebook of 8192 at 50 frames/s). ``extract_codes`` encodes one shard (the utterances whose
 stable hash of ``utt_id`` falls in it; every split goes in, training filters by split) and writes::
 
@@ -21,8 +21,8 @@ the codes.
 Inside a shard: DataLoader workers read audio with soundfile, downmix to mono and resample to the
 codec rate (for the semantic codec they also compute w2v-BERT's fbank inputs); the main process
 encodes batches of similar length (see ``CodesConfig`` for the per-device policy) with
-:func:`indextts.codec.encode_batch`, whose codes equal DAC encoding each utterance alone, or with
-:class:`indextts.semantic_codec.SemanticEncoder`, whose codec masks padding the same way.
+:func:`indextts.audio.dac.encode_batch`, whose codes equal DAC encoding each utterance alone, or with
+:class:`indextts.audio.semantic_codec.SemanticEncoder`, whose codec masks padding the same way.
 Audio that vanished, became unreadable, holds NaN/inf after cleaning or is too short for the
 codec is rejected with a reason and the shard still completes. Output is written atomically and is
 a pure function of (manifest, codec weights, config, device kind): a killed job reruns to the same
@@ -32,14 +32,13 @@ bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,9 +47,11 @@ import pyarrow.parquet as pq
 
 from indextts.config import ConfigError, get_section, load_config_arg, merge_runtime
 from indextts.files import sha256_file, write_json, write_parquet
+from indextts.hashing import stable_hash
 
 if TYPE_CHECKING:
-    from indextts.codec import CodecConfig
+    import torch
+
     from indextts.features import PromptFeaturesConfig
 
 # Parquet schema-metadata key holding the codec description (JSON).
@@ -63,6 +64,65 @@ META_COLUMNS = ("utt_id", "speaker", "text", "language", "emotion", "audio_path"
 _MANIFEST_COLUMNS = ["utt_id", "speaker", "text", "language", "emotion", "audio_path", "duration"]
 # Code values per shard above which list<int16>'s int32 offsets would overflow.
 _MAX_VALUES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """The ``codec`` config section: which codes the model learns, from which weights, and where.
+
+    ``kind="dac"``: DAC's residual codebooks (:mod:`indextts.audio.dac`). ``kind="semantic"``: IndexTTS2's own
+    codes, the MaskGCT semantic codec (:mod:`indextts.audio.semantic_codec`) over normalised w2v-BERT 2.0
+    features (:class:`indextts.audio.w2v_bert.W2VBert`), which needs the three ``w2v_bert*`` paths.
+    """
+
+    # The codec's weights. Required: the codes, and every model trained on them, belong to one
+    # codec. dac: a DAC weights file in DAC's own format (constructor kwargs + state dict).
+    # semantic: semantic_codec/model.safetensors of the amphion/MaskGCT release.
+    weights: str
+    # dac: self-contained, decoded by DAC. semantic: the released IndexTTS2's codes (drop-in export).
+    kind: Literal["dac", "semantic"] = "dac"
+    # "auto" takes CUDA when torch sees a GPU, else the CPU. Codes are computed in fp32 with
+    # TF32 off on either, because a code is an argmax and must not move with the device's math.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Keep only the first N residual codebooks (RVQ is sequential, so these equal the first N of
+    # the full codes); null keeps every codebook the weights have.
+    n_quantizers: int | None = None
+    # semantic: a local facebook/w2v-bert-2.0 folder (config.json, preprocessor_config.json,
+    # model.safetensors); read with local_files_only, never downloaded.
+    w2v_bert: str | None = None
+    # semantic: the hidden state the codec was trained on; IndexTTS2 uses hidden_states[17].
+    w2v_bert_layer: int = 17
+    # semantic: wav2vec2bert_stats.pt of the released IndexTTS2 folder (mean and var of that layer).
+    w2v_bert_stats: str | None = None
+    # semantic: bf16 runs w2v-BERT about twice as fast on a GPU, but its features (and so a few
+    # codes) then differ from the fp32 ones IndexTTS2 itself computes.
+    w2v_bert_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.kind == "semantic":
+            missing = [f"codec.{k}" for k in ("w2v_bert", "w2v_bert_stats") if not getattr(self, k)]
+            if missing:
+                raise ConfigError(
+                    f"codec.kind is 'semantic', which needs {' and '.join(missing)}: the w2v-BERT 2.0 folder "
+                    "and the released wav2vec2bert_stats.pt (see config/korean.yaml)"
+                )
+            if self.n_quantizers not in (None, 1):
+                raise ConfigError(f"codec.n_quantizers: the semantic codec has one code stream, got {self.n_quantizers}")
+        if self.w2v_bert_layer < 1:
+            raise ConfigError(f"codec.w2v_bert_layer must be at least 1, got {self.w2v_bert_layer}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``codec.device``: ``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("codec.device: 'cuda' was asked for but torch sees no GPU; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"codec.device: expected one of 'auto', 'cpu', 'cuda', got {name!r}")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)
@@ -103,12 +163,6 @@ class CodesConfig:
 
 # --------------------------------------------------------------------------------------------
 # Sharding and batching
-
-
-def stable_hash(utt_id: str) -> int:
-    """A 64-bit hash of ``utt_id`` that is the same in every process and Python version (the
-    first 8 bytes of blake2b of its UTF-8; never Python's salted ``hash()``)."""
-    return int.from_bytes(hashlib.blake2b(utt_id.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def shard_of(utt_id: str, n_shards: int) -> int:
@@ -358,7 +412,7 @@ def extract_codes(
     the MaskGCT semantic codec's over w2v-BERT 2.0 (one codebook of 8192, 50 frames/s).
 
     Args:
-        codec_cfg: the ``codec`` section (:class:`indextts.codec.CodecConfig`).
+        codec_cfg: the ``codec`` section (:class:`indextts.codes.CodecConfig`).
         codes_cfg: the ``codes`` section.
         manifest: ``clean.parquet`` (needs utt_id, speaker, text, language, emotion,
             audio_path, duration).
@@ -380,12 +434,13 @@ def extract_codes(
 
     Raises:
         ConfigError: bad shard index, device or manifest, or stored features asked of DAC.
-        indextts.codec.CodecLoadError, indextts.semantic_codec.SemanticCodecLoadError,
-            indextts.features.W2VBertLoadError: the weights cannot be loaded.
+        indextts.audio.dac.CodecLoadError, indextts.audio.semantic_codec.SemanticCodecLoadError,
+            indextts.audio.w2v_bert.W2VBertLoadError: the weights cannot be loaded.
     """
     import torch
 
-    from indextts.codec import encode_padded, load_codec, resolve_device
+    from indextts.audio.dac import encode_padded, load_codec
+    from indextts.codes import resolve_device
     from indextts.features import crop_window, features_path_for, features_table, write_features
 
     n = codes_cfg.n_shards
@@ -410,8 +465,8 @@ def extract_codes(
         # hardly uses the CPU and the workers run beside it.
         torch.set_num_threads(max(1, int(threads) - (workers if device.type == "cpu" else 0)))
     if semantic:
-        from indextts.features import W2V_BERT_MIN_SAMPLES
-        from indextts.semantic_codec import load_semantic_encoder
+        from indextts.audio.w2v_bert import W2V_BERT_MIN_SAMPLES
+        from indextts.audio.semantic_codec import load_semantic_encoder
 
         model = load_semantic_encoder(codec_cfg, device)
         info = model.info
@@ -832,7 +887,6 @@ def _load_config(arg: str, runtime: str | None) -> dict[str, Any]:
 
 
 def _sections(arg: str, runtime: str | None = None):
-    from indextts.codec import CodecConfig
 
     raw = _load_config(arg, runtime)
     return get_section(CodecConfig, raw, "codec"), get_section(CodesConfig, raw, "codes")
@@ -857,9 +911,10 @@ def cli_extract_codes(argv: list[str]) -> int:
     # 2-core machine. No effect if torch is already loaded.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     codec_cfg, codes_cfg = _sections(args.config, args.runtime)
-    from indextts.codec import CodecLoadError
-    from indextts.features import PromptFeaturesConfig, W2VBertLoadError
-    from indextts.semantic_codec import SemanticCodecLoadError
+    from indextts.audio.dac import CodecLoadError
+    from indextts.audio.w2v_bert import W2VBertLoadError
+    from indextts.features import PromptFeaturesConfig
+    from indextts.audio.semantic_codec import SemanticCodecLoadError
 
     features_cfg = get_section(PromptFeaturesConfig, load_config_arg(args.config), "features")
     try:

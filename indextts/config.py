@@ -214,7 +214,7 @@ SECTIONS: dict[str, str] = {
     "clean": "indextts.manifest:CleanConfig",
     "vocab": "indextts.vocab:VocabConfig",
     "speakers": "indextts.speakers:SpeakersConfig",
-    "codec": "indextts.codec:CodecConfig",
+    "codec": "indextts.codes:CodecConfig",
     "codes": "indextts.codes:CodesConfig",
     "features": "indextts.features:PromptFeaturesConfig",
     "model": "indextts.model.config:ModelSection",

@@ -280,7 +280,7 @@ class CodesDataset(torch.utils.data.Dataset):
         if self.features.kind == "w2v_bert":
             # Not computed here: extract_codes stored them (features.store), the w2v-BERT pass of the
             # semantic codes themselves; read back from codes/features/ beside the shards.
-            from indextts.features import W2V_BERT_HOP
+            from indextts.audio.w2v_bert import W2V_BERT_HOP
 
             rng = np.random.default_rng((self.seed, epoch, *salt))
             return self._prompts.crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)

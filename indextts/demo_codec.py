@@ -16,7 +16,7 @@ Data
     to whole hops so that the decoder returns exactly the input's length (DAC's mel loss needs it).
 
 Outputs, beside ``<name>.pth`` (DAC's own ``save(package=False)`` format, read by
-:func:`indextts.codec.load_codec` like any DAC weights; fp16 by default, about 1 MB)
+:func:`indextts.audio.dac.load_codec` like any DAC weights; fp16 by default, about 1 MB)
     ``<name>.log.jsonl``     one record per ``log_every`` steps (``kind: train``: each loss term
                              averaged over the interval, grad norm, lr, seconds) and per scored
                              checkpoint (``kind: eval``: the scores below at that step)
@@ -57,7 +57,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from indextts.codec import _import_dac, decode_codes, encode_batch, load_codec
+from indextts.audio.dac import _import_dac, decode_codes, encode_batch, load_codec, make_demo_codec
 from indextts.config import ConfigError
 from indextts.demo import MIN_SECONDS
 from indextts.files import atomic_path, sha256_file, write_json
@@ -364,7 +364,7 @@ def codec_bytes(model: torch.nn.Module, cfg: DemoCodecConfig) -> bytes:
     """The model as a DAC weights file (``save(package=False)``), in ``cfg.dtype``.
 
     fp16 goes through a fresh copy, so the training model stays fp32. The file is still DAC's own
-    format: ``DAC.load`` and :func:`indextts.codec.load_codec` cast the tensors back to fp32.
+    format: ``DAC.load`` and :func:`indextts.audio.dac.load_codec` cast the tensors back to fp32.
     """
     if cfg.dtype == "fp16":
         with torch.random.fork_rng(devices=[]):  # the copy's random init must not move the run's generator
@@ -429,7 +429,7 @@ def score_codec(weights: str | os.PathLike, heldout: Sequence[Utterance], floors
     log-F0 RMSE and voicing error.
 
     Args:
-        weights: the file to score (loaded by :func:`indextts.codec.load_codec`).
+        weights: the file to score (loaded by :func:`indextts.audio.dac.load_codec`).
         heldout, floors: from :func:`split_utterances`.
         acoustic: an ``AcousticConfig`` (default: the evaluation stage's defaults at the codec's rate).
         cache: features of the originals and floors by utt_id, reused across calls (checkpoints).
@@ -715,7 +715,7 @@ def install_packaged_codec(output: str | os.PathLike, weights: str | os.PathLike
     beside it (the files a training run writes, named after ``output``; each written atomically).
 
     The file's sha256 must equal the one its ``.scores.json`` records, it must load through
-    :func:`indextts.codec.load_codec`, and its topline must beat its floor.
+    :func:`indextts.audio.dac.load_codec`, and its topline must beat its floor.
 
     Returns:
         The scores dict.
@@ -799,4 +799,20 @@ def _run_cli(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
           f"{report['train_minutes']:.1f} train min: held-out MCD {t['mcd_frame']:.2f} dB frame-aligned, "
           f"{t['mcd_dtw']:.2f} DTW (floor {f.get('mcd_frame', math.nan):.2f}, {f.get('mcd_dtw', math.nan):.2f}); "
           f"scores in {output_paths(args.output)['scores']}")
+    return 0
+
+
+def cli_make_demo_codec(argv: list[str]) -> int:
+    """``indextts make-demo-codec --output PATH [--seed N] [--sample-rate HZ]``."""
+    p = argparse.ArgumentParser(prog="indextts make-demo-codec", description=make_demo_codec.__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="the .pth file to write (the demo config's codec.weights)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="codec sample rate in Hz (default 16000)")
+    args = p.parse_args(argv)
+    path = make_demo_codec(args.output, seed=args.seed, sample_rate=args.sample_rate)
+    _, info = load_codec(path)
+    print(
+        f"wrote {path}: tiny random DAC, {info.sample_rate} Hz, hop {info.hop_length} "
+        f"({info.frame_rate:g} frames/s), {info.n_q} codebooks of {info.codebook_size}, sha256 {info.weights_sha256[:12]}"
+    )
     return 0

@@ -12,6 +12,8 @@ lengths, so the whole array costs a few dozen array operations.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 
@@ -106,3 +108,9 @@ def _hash_equal_length(mat: np.ndarray, size: int) -> np.ndarray:
     h *= _P3
     h ^= h >> np.uint64(32)
     return h
+
+
+def stable_hash(utt_id: str) -> int:
+    """A 64-bit hash of ``utt_id`` that is the same in every process and Python version (the
+    first 8 bytes of blake2b of its UTF-8; never Python's salted ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(utt_id.encode("utf-8"), digest_size=8).digest(), "big")

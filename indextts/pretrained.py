@@ -168,13 +168,14 @@ def codec_sizes_from_config(config: Mapping[str, Any]) -> tuple[int, int]:
     """``(codebook size, codebooks kept)`` of the codec weights named in the ``codec`` section:
     a DAC file (``codec.n_quantizers`` applied), or for ``codec.kind: semantic`` the MaskGCT
     semantic codec (one stream)."""
-    from indextts.codec import CodecConfig, load_codec
+    from indextts.audio.dac import load_codec
+    from indextts.codes import CodecConfig
 
     if not config.get("codec"):
         raise TransferError("the config has no codec section: pass --codebook-size, or a config with codec.weights")
     codec = get_section(CodecConfig, config, "codec")
     if codec.kind == "semantic":
-        from indextts.semantic_codec import load_semantic_codec
+        from indextts.audio.semantic_codec import load_semantic_codec
 
         cfg = load_semantic_codec(codec.weights).cfg
         return cfg.codebook_size, cfg.num_quantizers

@@ -7,7 +7,7 @@ the speaker prompt gives the timbre (the speaker conditioner) and the emotion pr
 another clip, the ``emo_vec``, mixed with the speaker prompt's own by ``emo_alpha`` as IndexTTS2's
 inference does (``base + alpha * (emo - base)``). Codes are sampled with the KV cache
 (:meth:`~indextts.model.UnifiedVoice.generate_codes`) and decoded by the codec named in the
-checkpoint (:func:`indextts.codec.decode_codes`).
+checkpoint (:func:`indextts.audio.dac.decode_codes`).
 
 Batch mode reads a list (TSV/CSV with a header, or JSONL) of ``name``, ``text``,
 ``speaker_prompt`` and optionally ``emotion_prompt`` (other columns are carried into the result
@@ -186,7 +186,8 @@ class Synthesizer:
         import sentencepiece as spm
 
         from indextts.checkpoint import checkpoint_vocab, load_checkpoint, read_meta
-        from indextts.codec import CodecConfig, load_codec
+        from indextts.audio.dac import load_codec
+        from indextts.codes import CodecConfig
         from indextts.files import sha256_file
         from indextts.text import TextConfig
 
@@ -280,7 +281,7 @@ class Synthesizer:
         Raises:
             SynthesisError: a bad text or prompt, naming the row.
         """
-        from indextts.codec import decode_codes
+        from indextts.audio.dac import decode_codes
 
         log = log or (lambda msg: print(msg, flush=True))
         tokens = {r.name: self.tokenize(r.text, f"row {r.name!r}") for r in requests}
@@ -564,7 +565,7 @@ def cli_synthesize(argv: list[str]) -> int:
         p.error("--list needs --out-dir")
     cfg = _config(a)
     from indextts.checkpoint import CheckpointError
-    from indextts.codec import CodecLoadError
+    from indextts.audio.dac import CodecLoadError
 
     try:
         if a.text:

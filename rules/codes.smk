@@ -42,7 +42,7 @@ if config["demo"]["enabled"]:
             mode=DEMO_CODEC_MODE,
             steps=config["demo"]["codec_steps"] if DEMO_CODEC_MODE == "train" else None,
             seed=config["demo"]["seed"] if DEMO_CODEC_MODE == "train" else None,
-            code=code_id("codec", "demo_codec", *CORE),
+            code=code_id("audio/dac", "demo_codec", *CORE),
         shell:
             DEMO_CODEC_SHELL
 
@@ -76,7 +76,13 @@ rule extract_codes:
             *(["features"] if STORE_FEATURES else []),
             unread=("codes.frame_tolerance",),
         ),
-        code=code_id("codec", "codes", *(["features", "semantic_codec"] if SEMANTIC else []), *CORE),
+        code=code_id(
+            "audio/dac",
+            "codes",
+            "hashing",
+            *(["features", "audio/w2v_bert", "audio/semantic_codec"] if SEMANTIC else []),
+            *CORE,
+        ),
         features=features_arg,
         runtime=runtime_params,
     shell:

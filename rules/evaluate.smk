@@ -4,7 +4,7 @@
 # stage's frozen conditioners (probe_stage). Model-based measures (CER, speaker similarity) run when
 # eval.asr.path / eval.speaker.path name local model folders.
 
-EVAL_CODE = code_id("evaluation/", "synthesize", "text", "codec", "codes", *CORE)
+EVAL_CODE = code_id("evaluation/", "synthesize", "text", "audio/dac", "codes", *CORE)
 # The probes load a stage checkpoint and compute its prompt features.
 PROBE_CODE = code_id("evaluation/", "checkpoint", "features", "model/", *CORE)
 

@@ -2,7 +2,9 @@
 # each from nothing but its checkpoint folder and the codec weights. Semantic-code models are
 # decoded by IndexTTS2's own s2mel, not here: with codec.kind semantic no samples are made.
 
-SYNTH_CODE = code_id("synthesize", "checkpoint", "codec", "features", "text", "model/", *CORE)
+SYNTH_CODE = code_id(
+    "synthesize", "checkpoint", "audio/dac", "codes", "features", "text", "model/", *CORE
+)
 
 
 rule sample_list:

@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from indextts.codec import (
-    DEMO_CODEC_KWARGS,
-    CodecConfig,
-    CodecLoadError,
-    encode_batch,
-    load_codec,
-    make_demo_codec,
-    resolve_device,
-)
+from indextts.audio.dac import DEMO_CODEC_KWARGS, CodecLoadError, encode_batch, load_codec, make_demo_codec
+from indextts.codes import CodecConfig, resolve_device
 from indextts.config import ConfigError, get_section
 from indextts.files import sha256_file
 

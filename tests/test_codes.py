@@ -22,7 +22,8 @@ import soundfile as sf
 import torch
 import yaml
 
-from indextts.codec import CodecConfig, load_codec, make_demo_codec
+from indextts.audio.dac import load_codec, make_demo_codec
+from indextts.codes import CodecConfig
 from indextts.config import ConfigError
 from indextts.codes import (
     META_COLUMNS,
@@ -37,8 +38,8 @@ from indextts.codes import (
     shard_file_name,
     shard_of,
     shard_paths,
-    stable_hash,
 )
+from indextts.hashing import stable_hash
 from indextts.files import sha256_file
 
 pytestmark = [
@@ -287,7 +288,7 @@ def test_index_fails_when_shards_miss_manifest_rows(tmp_path, weights):
 _KILLABLE = textwrap.dedent(
     """
     import sys, time
-    from indextts.codec import CodecConfig
+    from indextts.codes import CodecConfig
     from indextts.codes import CodesConfig, extract_codes
 
     def after_batch(k):
@@ -372,7 +373,7 @@ def test_empty_shards_are_written_and_indexed(tmp_path, weights):
 @pytest.fixture(scope="module")
 def semantic(tmp_path_factory) -> dict:
     """The ``codec`` section of a tiny random w2v-BERT + semantic codec pair."""
-    from indextts.semantic_codec import make_tiny_semantic
+    from indextts.audio.semantic_codec import make_tiny_semantic
 
     return make_tiny_semantic(tmp_path_factory.mktemp("semantic"))
 
@@ -391,8 +392,9 @@ def _extract_semantic(codec: dict, manifest: Path, out: Path, features=None, **c
 
 
 def test_semantic_shards_hold_one_stream_at_50_per_second_equal_to_each_utterance_alone(tmp_path, semantic):
-    from indextts.features import PromptFeatureStore, PromptFeaturesConfig, crop_window, features_path_for, w2v_bert_frames
-    from indextts.semantic_codec import TINY_CODEC, load_semantic_encoder
+    from indextts.audio.w2v_bert import w2v_bert_frames
+    from indextts.features import PromptFeatureStore, PromptFeaturesConfig, crop_window, features_path_for
+    from indextts.audio.semantic_codec import TINY_CODEC, load_semantic_encoder
 
     manifest = write_clean(tmp_path, n=12, seed=4)
     feats_cfg = PromptFeaturesConfig(store=True, max_ref_seconds=1.0)
@@ -523,8 +525,9 @@ def test_semantic_extraction_of_the_demo_corpus_through_the_rules(tmp_path):
     one-at-a-time extraction write the same shard bytes; a forced rerun writes the same bytes."""
     import shutil
 
-    from indextts.features import PromptFeatureStore, w2v_bert_frames
-    from indextts.semantic_codec import TINY_CODEC, make_tiny_semantic
+    from indextts.audio.w2v_bert import w2v_bert_frames
+    from indextts.features import PromptFeatureStore
+    from indextts.audio.semantic_codec import TINY_CODEC, make_tiny_semantic
     from tests.workflow_util import copy_workflow, edit_config, planned_jobs, snakemake
 
     if shutil.which("espeak-ng") is None:

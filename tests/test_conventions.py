@@ -1,8 +1,11 @@
 """House conventions that no other test sees: the conda env of ``--sdm conda`` installs exactly
-what ``make install`` does. (snakefmt and ``snakemake --lint`` run in ``make test`` itself.)"""
+what ``make install`` does, and the library's modules import each other without a circle, the
+model and audio packages below the pipeline. (snakefmt and ``snakemake --lint`` run in
+``make test`` itself.)"""
 
 from __future__ import annotations
 
+import ast
 import re
 
 import yaml
@@ -46,3 +49,52 @@ def test_conda_env_python_matches_the_lock_and_the_package_is_installed_after_th
     assert text.startswith("#!") and "--no-deps -e" in text and "INDEXTTS_SOURCE" in text
     assert "INDEXTTS_SOURCE=" in (REPO / "rules" / "common.smk").read_text()
 
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the ``indextts`` modules it imports anywhere in its source (function-level
+    imports included: a lazy import is still a dependency)."""
+    pkg = REPO / "indextts"
+    mods = {}
+    for f in pkg.rglob("*.py"):
+        name = ".".join(f.relative_to(REPO).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = f
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("indextts"):
+                graph[m] |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+                graph[m] |= {node.module} & set(mods)
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods}
+    return {m: deps - {m} for m, deps in graph.items()}
+
+
+def test_library_modules_import_each_other_without_a_circle():
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in sorted(graph[m]):
+            if state.get(dep) == 1:
+                circle = path[path.index(dep):] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_audio_and_model_packages_stay_below_the_pipeline():
+    """indextts.audio (one module per released audio model) and indextts.model import only each
+    other and the two small helpers (config errors, atomic files): no extraction, training, synthesis
+    or CLI."""
+    for m, deps in _import_graph().items():
+        for pkg in ("indextts.audio", "indextts.model"):
+            if m == pkg or m.startswith(pkg + "."):
+                ok = {"indextts.config", "indextts.files"} | ({"indextts.features"} if pkg == "indextts.model" else set())
+                bad = sorted(d for d in deps if not d.startswith(pkg) and d not in ok)
+                assert not bad, f"{m} imports {bad}; {pkg} may import only itself and {sorted(ok)}"

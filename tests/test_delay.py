@@ -242,7 +242,7 @@ def demo_codec_and_utterance(tmp_path_factory):
     """The demo's tiny DAC and one espeak-ng utterance of the demo corpus."""
     import json
 
-    from indextts.codec import load_codec, make_demo_codec
+    from indextts.audio.dac import load_codec, make_demo_codec
     from indextts.demo import DemoConfig, build_demo_corpus
     from indextts.features import load_audio
 
@@ -260,7 +260,7 @@ def demo_codec_and_utterance(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_decode_codes_equals_dac_decoding(demo_codec_and_utterance, capsys) -> None:
-    from indextts.codec import decode_codes, encode_batch
+    from indextts.audio.dac import decode_codes, encode_batch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

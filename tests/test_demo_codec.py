@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 import indextts.demo_codec as demo_codec
-from indextts.codec import CodecLoadError, decode_codes, encode_batch, load_codec
+from indextts.audio.dac import CodecLoadError, decode_codes, encode_batch, load_codec
 from indextts.config import ConfigError
 from indextts.demo_codec import (
     PACKAGED_WEIGHTS,

@@ -175,7 +175,7 @@ def test_saved_features_are_reused_only_for_unchanged_files_and_the_same_config(
 def test_topline_is_the_recording_through_the_codec(corpus, tmp_path):
     import soundfile as sf
 
-    from indextts.codec import make_demo_codec
+    from indextts.audio.dac import make_demo_codec
     from indextts.evaluation.scoring import evaluate_reference
 
     codec = make_demo_codec(tmp_path / "dac.pth", seed=0)

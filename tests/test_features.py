@@ -13,21 +13,23 @@ import pytest
 import torch
 
 from indextts.config import ConfigError
+from indextts.audio.w2v_bert import (
+    W2VBert,
+    W2VBertInputs,
+    W2VBertLoadError,
+    load_w2v_bert_stats,
+    make_random_w2v_bert,
+    w2v_bert_frames,
+)
 from indextts.features import (
     FeatureConfig,
     PromptFeaturesConfig,
     PromptFeatureStore,
-    W2VBert,
-    W2VBertInputs,
-    W2VBertLoadError,
     crop_window,
     features_table,
-    load_w2v_bert_stats,
-    make_random_w2v_bert,
-    w2v_bert_frames,
     write_features,
 )
-from indextts.semantic_codec import TINY_W2V_BERT, TINY_W2V_BERT_LAYER, make_tiny_semantic
+from indextts.audio.semantic_codec import TINY_W2V_BERT, TINY_W2V_BERT_LAYER, make_tiny_semantic
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indextts.semantic_codec import (
+from indextts.audio.semantic_codec import (
     SemanticCodec,
     SemanticCodecConfig,
     SemanticCodecLoadError,
@@ -212,11 +212,11 @@ def test_validation_and_a_short_stage1_run_on_semantic_codes(tmp_path):
     the pre-training gate and a few stage-1 steps, with the model reading w2v_bert features."""
     import json
 
-    from indextts.codec import CodecConfig
+    from indextts.codes import CodecConfig
     from indextts.codes import CodesConfig, extract_codes, index_codes, read_shard_codes, shard_file_name
     from indextts.data import CodesDataset, DataError
     from indextts.features import FeatureConfig, PromptFeaturesConfig, features_path_for
-    from indextts.semantic_codec import TINY_CODEC, TINY_W2V_BERT, make_tiny_semantic
+    from indextts.audio.semantic_codec import TINY_CODEC, TINY_W2V_BERT, make_tiny_semantic
     from indextts.train import StageInputs, train_stage
     from indextts.validate import validate_pipeline
     from tests.factories import make_train_corpus

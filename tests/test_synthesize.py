@@ -232,7 +232,7 @@ def assets(tmp_path_factory):
     import numpy as np
     import soundfile as sf
 
-    from indextts.codec import make_demo_codec
+    from indextts.audio.dac import make_demo_codec
 
     root = tmp_path_factory.mktemp("synth")
     with warnings.catch_warnings():
@@ -310,7 +310,7 @@ def test_synthesis_needs_nothing_but_the_folder_and_the_codec(assets, tmp_path: 
     """A copied folder whose model.json points at a vocabulary and codec that no longer exist."""
     import json
 
-    from indextts.codec import make_demo_codec
+    from indextts.audio.dac import make_demo_codec
 
     folder = tmp_path / "moved"
     shutil.copytree(assets["ckpt"], folder)

@@ -351,7 +351,7 @@ def test_import_gpt_cli_reads_a_semantic_codec_s_sizes_from_its_weights(tmp_path
     from indextts.checkpoint import read_meta
     from indextts.model.config import mel_vocab_size
     from indextts.pretrained import cli_import_gpt
-    from indextts.semantic_codec import TINY_CODEC, make_tiny_semantic
+    from indextts.audio.semantic_codec import TINY_CODEC, make_tiny_semantic
 
     _, new_path, _, new_sp = vocabs
     path = official_file(tmp_path, tiny(seed=1, number_text_tokens=new_sp.get_piece_size()))

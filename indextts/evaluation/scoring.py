@@ -447,7 +447,7 @@ def topline_clips(table: "pd.DataFrame", codec_weights: Path, out_dir: Path, *, 
     model trains on), written as ``out_dir/<name>.wav`` at the codec's rate."""
     import torch
 
-    from indextts.codec import decode_codes, encode_batch, load_codec
+    from indextts.audio.dac import decode_codes, encode_batch, load_codec
     from indextts.codes import read_audio
     from indextts.synthesize import write_wav
 
@@ -593,7 +593,7 @@ def cli_evaluate_reference(argv: list[str]) -> int:
     normalize, language = _normaliser(config)
     n_codebooks = (config.get("model") or {}).get("n_codebooks")
     n_quantizers = (config.get("codec") or {}).get("n_quantizers")
-    from indextts.codec import CodecLoadError
+    from indextts.audio.dac import CodecLoadError
     from indextts.evaluation.asr import EvalModelError
 
     try:

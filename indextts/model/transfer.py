@@ -603,7 +603,7 @@ def export_official(model: nn.Module, *, drop: tuple[str, ...] = ()) -> dict[str
             "gpt.pth layout has room for one: IndexTTS2's tooling reads one code stream, and a model cut down "
             "to codebook 0 could not produce speech through DAC. Use our checkpoint folder instead "
             "(model.safetensors + model.json; indextts.checkpoint.load_checkpoint loads it, and "
-            "indextts.codec.decode_codes turns its codes into audio through the pipeline's DAC)."
+            "indextts.audio.dac.decode_codes turns its codes into audio through the pipeline's DAC)."
         )
     transpose = conv1d_keys(model)
     out: dict[str, torch.Tensor] = {}

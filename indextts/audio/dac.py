@@ -23,7 +23,6 @@ Exact batching
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import io
@@ -34,7 +33,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -72,52 +71,6 @@ DAC_16KHZ_KWARGS: dict = {
 
 
 @dataclass(frozen=True)
-class CodecConfig:
-    """The ``codec`` config section: which codes the model learns, from which weights, and where.
-
-    ``kind="dac"``: DAC's residual codebooks (this module). ``kind="semantic"``: IndexTTS2's own
-    codes, the MaskGCT semantic codec (:mod:`indextts.semantic_codec`) over normalised w2v-BERT 2.0
-    features (:class:`indextts.features.W2VBert`), which needs the three ``w2v_bert*`` paths.
-    """
-
-    # The codec's weights. Required: the codes, and every model trained on them, belong to one
-    # codec. dac: a DAC weights file in DAC's own format (constructor kwargs + state dict).
-    # semantic: semantic_codec/model.safetensors of the amphion/MaskGCT release.
-    weights: str
-    # dac: self-contained, decoded by DAC. semantic: the released IndexTTS2's codes (drop-in export).
-    kind: Literal["dac", "semantic"] = "dac"
-    # "auto" takes CUDA when torch sees a GPU, else the CPU. Codes are computed in fp32 with
-    # TF32 off on either, because a code is an argmax and must not move with the device's math.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Keep only the first N residual codebooks (RVQ is sequential, so these equal the first N of
-    # the full codes); null keeps every codebook the weights have.
-    n_quantizers: int | None = None
-    # semantic: a local facebook/w2v-bert-2.0 folder (config.json, preprocessor_config.json,
-    # model.safetensors); read with local_files_only, never downloaded.
-    w2v_bert: str | None = None
-    # semantic: the hidden state the codec was trained on; IndexTTS2 uses hidden_states[17].
-    w2v_bert_layer: int = 17
-    # semantic: wav2vec2bert_stats.pt of the released IndexTTS2 folder (mean and var of that layer).
-    w2v_bert_stats: str | None = None
-    # semantic: bf16 runs w2v-BERT about twice as fast on a GPU, but its features (and so a few
-    # codes) then differ from the fp32 ones IndexTTS2 itself computes.
-    w2v_bert_dtype: Literal["fp32", "bf16"] = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.kind == "semantic":
-            missing = [f"codec.{k}" for k in ("w2v_bert", "w2v_bert_stats") if not getattr(self, k)]
-            if missing:
-                raise ConfigError(
-                    f"codec.kind is 'semantic', which needs {' and '.join(missing)}: the w2v-BERT 2.0 folder "
-                    "and the released wav2vec2bert_stats.pt (see config/korean.yaml)"
-                )
-            if self.n_quantizers not in (None, 1):
-                raise ConfigError(f"codec.n_quantizers: the semantic codec has one code stream, got {self.n_quantizers}")
-        if self.w2v_bert_layer < 1:
-            raise ConfigError(f"codec.w2v_bert_layer must be at least 1, got {self.w2v_bert_layer}")
-
-
-@dataclass(frozen=True)
 class CodecInfo:
     """What a reader of the codes needs to know about the codec that made them."""
 
@@ -139,7 +92,7 @@ class CodecInfo:
         """Frames the codec gives for ``n_samples`` at :attr:`sample_rate`: DAC's preprocess pads
         the right end up to a whole hop; w2v-BERT's fbank drops the last partial window."""
         if self.kind == "semantic":
-            from indextts.features import w2v_bert_frames
+            from indextts.audio.w2v_bert import w2v_bert_frames
 
             return w2v_bert_frames(n_samples)
         return math.ceil(n_samples / self.hop_length)
@@ -147,17 +100,6 @@ class CodecInfo:
 
 class CodecLoadError(ValueError):
     """A codec weights file cannot be used; the message names the file and what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("codec.device: 'cuda' was asked for but torch sees no GPU; use 'auto' or 'cpu'")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"codec.device: expected one of 'auto', 'cpu', 'cuda', got {name!r}")
-    return torch.device(name)
 
 
 def _import_dac():
@@ -487,18 +429,3 @@ def make_demo_codec(output: str | Path, seed: int = 0, sample_rate: int = 16000)
         tmp.write_bytes(buf.getvalue())
     return Path(output)
 
-
-def cli_make_demo_codec(argv: list[str]) -> int:
-    """``indextts make-demo-codec --output PATH [--seed N] [--sample-rate HZ]``."""
-    p = argparse.ArgumentParser(prog="indextts make-demo-codec", description=make_demo_codec.__doc__.split("\n")[0])
-    p.add_argument("--output", required=True, help="the .pth file to write (the demo config's codec.weights)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.add_argument("--sample-rate", type=int, default=16000, help="codec sample rate in Hz (default 16000)")
-    args = p.parse_args(argv)
-    path = make_demo_codec(args.output, seed=args.seed, sample_rate=args.sample_rate)
-    _, info = load_codec(path)
-    print(
-        f"wrote {path}: tiny random DAC, {info.sample_rate} Hz, hop {info.hop_length} "
-        f"({info.frame_rate:g} frames/s), {info.n_q} codebooks of {info.codebook_size}, sha256 {info.weights_sha256[:12]}"
-    )
-    return 0

@@ -241,7 +241,7 @@ class SemanticCodec(nn.Module):
         """Codes of normalised w2v-BERT features.
 
         Args:
-            features: ``(B, T, hidden)`` float32 (:func:`indextts.features.W2VBert` output).
+            features: ``(B, T, hidden)`` float32 (:func:`indextts.audio.w2v_bert.W2VBert` output).
             lengths: ``(B,)`` valid frames per row of a padded batch; None when no row is padded.
 
         Returns:
@@ -275,7 +275,7 @@ class SemanticCodec(nn.Module):
 
 
 def _check_state_dict(source: str, model: SemanticCodec, state: Mapping[str, torch.Tensor]) -> None:
-    from indextts.codec import state_dict_problems
+    from indextts.audio.dac import state_dict_problems
 
     problems = state_dict_problems(model, dict(state))
     if problems:
@@ -372,7 +372,7 @@ class SemanticEncoder:
             ``codes (B, n_q, F)`` int64 and ``features (B, F, dim)`` float32, on the device; row
             ``b`` is valid for its first ``batch["frames"][b]`` frames.
         """
-        from indextts.codec import exact_fp32
+        from indextts.audio.dac import exact_fp32
 
         device = self.w2v.device
         as_tensor = lambda a: torch.as_tensor(a).to(device, non_blocking=True)  # noqa: E731
@@ -389,19 +389,19 @@ def load_semantic_encoder(codec_cfg, device: torch.device | str = "cpu") -> Sema
     """w2v-BERT 2.0 and the semantic codec named in the ``codec`` section, checked against each other.
 
     Args:
-        codec_cfg: :class:`indextts.codec.CodecConfig` with ``kind="semantic"``.
+        codec_cfg: :class:`indextts.codes.CodecConfig` with ``kind="semantic"``.
         device: where both models run.
 
     Returns:
-        A :class:`SemanticEncoder` whose ``info`` (:class:`indextts.codec.CodecInfo`) records the
+        A :class:`SemanticEncoder` whose ``info`` (:class:`indextts.audio.dac.CodecInfo`) records the
         kind, 16 kHz, hop 320 (50 frames/s), one codebook of ``codebook_size``, the codec's sha256
         and, in ``extra``, the w2v-BERT folder and stats sha256, the layer and the dtype.
 
     Raises:
-        SemanticCodecLoadError, indextts.features.W2VBertLoadError: a file cannot be used.
+        SemanticCodecLoadError, indextts.audio.w2v_bert.W2VBertLoadError: a file cannot be used.
     """
-    from indextts.codec import CodecInfo
-    from indextts.features import W2V_BERT_HOP, W2V_BERT_SAMPLE_RATE, W2VBert, w2v_bert_identity
+    from indextts.audio.dac import CodecInfo
+    from indextts.audio.w2v_bert import W2V_BERT_HOP, W2V_BERT_SAMPLE_RATE, W2VBert, w2v_bert_identity
     from indextts.files import sha256_file
 
     device = torch.device(device)
@@ -447,7 +447,7 @@ def make_tiny_semantic(root: str | Path, *, seed: int = 0) -> dict:
     Returns:
         The ``codec`` config section for them (``kind: semantic``, ``device: cpu``).
     """
-    from indextts.features import make_random_w2v_bert
+    from indextts.audio.w2v_bert import make_random_w2v_bert
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
