@@ -35,6 +35,12 @@ class PretrainedConfig:
     # The released config.yaml: the export keeps its other sections (s2mel, vocoder, emotion
     # matrices ...) and replaces the gpt section's sizes. Read by the export only.
     config: str | None = None
+    # The released files after the GPT, with which semantic-code stages are heard (samples and
+    # evaluation; read by synthesis only): s2mel.pth, campplus_cn_common.bin and the
+    # bigvgan_v2_22khz_80band_256x folder (config.json + bigvgan_generator.pt).
+    s2mel: str | None = None
+    campplus: str | None = None
+    bigvgan: str | None = None
 
 
 def import_checkpoint(

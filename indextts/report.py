@@ -427,7 +427,8 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
         scores: stage -> its evaluation ``scores.parquet``; each sample then shows its MCD-DTW,
             duration ratio, retrieval hit (and CER, SIM when measured) and the log-mel spectrograms
             of the generated clip, the real recording and the codec topline side by side.
-        topline_dir: ``evaluate-reference``'s ``topline/`` folder (``<name>.wav``).
+        topline_dir: ``evaluate-reference``'s ``topline/`` folder (``<name>.wav``); without it, a
+            ``topline/`` folder beside a stage's table (semantic codes' per-stage topline) is shown.
     """
     import pandas as pd
 
@@ -474,9 +475,12 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
             if sc is not None:
                 spec = f"spectra/stage{stage}_{r['name']}.png"
                 clips3 = [("generated", dest), ("real recording", r.get("reference", ""))]
-                top = Path(topline_dir) / f"{r['name']}.wav" if topline_dir else None
-                if top is not None and top.is_file():
-                    clips3.append(("codec topline", top))
+                # The codec topline (DAC), or the stage's own (semantic codes: the real codes voiced
+                # through this stage, beside its samples).
+                top, label = ((Path(topline_dir) / f"{r['name']}.wav", "codec topline") if topline_dir else
+                              (Path(tables[stage]).parent / "topline" / f"{r['name']}.wav", "topline (real codes)"))
+                if top.is_file():
+                    clips3.append((label, top))
                 plot_spectrograms([c for c in clips3 if c[1]], out_dir / spec, cfg, f"stage {stage}, {r['name']}")
                 measured += f'<br><img src="{html.escape(spec)}" alt="log-mel spectrograms" style="max-width:560px">'
             rows.append((

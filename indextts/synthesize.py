@@ -7,7 +7,9 @@ the speaker prompt gives the timbre (the speaker conditioner) and the emotion pr
 another clip, the ``emo_vec``, mixed with the speaker prompt's own by ``emo_alpha`` as IndexTTS2's
 inference does (``base + alpha * (emo - base)``). Codes are sampled with the KV cache
 (:meth:`~indextts.model.UnifiedVoice.generate_codes`) and decoded by the codec named in the
-checkpoint (:func:`indextts.audio.dac.decode_codes`).
+checkpoint: DAC codes by DAC (:func:`indextts.audio.dac.decode_codes`), IndexTTS2's semantic codes by
+the released s2mel, CAM++ and BigVGAN (:class:`indextts.voice.SemanticVoice`, after a teacher-forced
+pass for the GPT latents, exactly as ``infer_v2``).
 
 Batch mode reads a list (TSV/CSV with a header, or JSONL) of ``name``, ``text``,
 ``speaker_prompt`` and optionally ``emotion_prompt`` (other columns are carried into the result
@@ -38,6 +40,8 @@ from indextts.config import ConfigError, get_section, load_config_arg, merge_run
 if TYPE_CHECKING:
     import pandas as pd
 
+    from indextts.voice import VoiceFiles
+
 # Columns a request list must have; emotion_prompt is optional.
 REQUIRED_COLUMNS = ("name", "text", "speaker_prompt")
 # Columns synthesis adds to the result table.
@@ -58,6 +62,9 @@ class SynthesizeConfig:
     top_k: int = 30  # keep the k most likely codes per codebook (0: all)
     top_p: float = 0.8  # nucleus: the smallest set of codes reaching this probability (1: all)
     repetition_penalty: float = 10.0  # HF's penalty on codes a codebook already produced (1: off)
+    # HF beam search/sampling; infer_v2 uses 3 for its one-stream codes; beams need one code stream.
+    num_beams: int = 1
+    length_penalty: float = 0.0  # HF's, with beams: hypothesis score / length ** this (infer_v2's 0)
     # Cap on generated code frames; the model's position table caps it further (tiny: 398).
     max_frames: int = 1500
     # Weight of the emotion prompt against the speaker prompt's own emotion (1: the emotion
@@ -69,6 +76,10 @@ class SynthesizeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees it
     # Rows generated together; a speed knob only (a row's output does not depend on its batch).
     batch_size: int = 8
+    # Semantic codes only (s2mel's flow matching, infer_v2's defaults): Euler steps and the
+    # classifier-free guidance rate.
+    diffusion_steps: int = 25
+    cfg_rate: float = 0.7
 
     def __post_init__(self) -> None:
         p = []
@@ -80,11 +91,13 @@ class SynthesizeConfig:
             p.append(f"synthesize.top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             p.append(f"synthesize.repetition_penalty must be positive, got {self.repetition_penalty}")
-        for name in ("max_frames", "batch_size"):
+        for name in ("max_frames", "batch_size", "diffusion_steps", "num_beams"):
             if getattr(self, name) < 1:
                 p.append(f"synthesize.{name} must be at least 1, got {getattr(self, name)}")
         if self.prompt_seconds <= 0:
             p.append(f"synthesize.prompt_seconds must be positive, got {self.prompt_seconds}")
+        if self.cfg_rate < 0:
+            p.append(f"synthesize.cfg_rate must be >= 0, got {self.cfg_rate}")
         if p:
             raise ConfigError("invalid config:\n  " + "\n  ".join(p))
 
@@ -173,16 +186,17 @@ class Synthesizer:
         codec_weights: the codec weights; default the path ``model.json``'s codec section names
             (relative paths resolve against the working directory, as in the pipeline).
         device: ``auto``, ``cpu`` or ``cuda``.
+        voice: semantic codes only (required there): the released s2mel, CAM++ and BigVGAN files.
 
     Raises:
-        SynthesisError: the checkpoint's codes are IndexTTS2's semantic codes (decoded only by
-            IndexTTS2's own s2mel), its prompt features are not computed here, or the codec
-            weights are not the ones its codes were made with.
+        SynthesisError: the prompt features are not the codes' kind, or the codec weights are
+            not the ones its codes were made with.
+        VoiceError: a semantic-code model without its s2mel, CAM++ or BigVGAN files.
         CheckpointError: a missing or damaged folder.
     """
 
     def __init__(self, checkpoint: str | Path, *, codec_weights: str | Path | None = None,
-                 device: str | torch.device = "auto") -> None:
+                 device: str | torch.device = "auto", voice: "VoiceFiles | None" = None) -> None:
         import sentencepiece as spm
 
         from indextts.checkpoint import checkpoint_vocab, load_checkpoint, read_meta
@@ -196,22 +210,20 @@ class Synthesizer:
         meta = read_meta(self.checkpoint)
         where = self.checkpoint / "model.json"
         codec_rec = dict(meta.get("codec") or {})
-        if codec_rec.get("kind", "dac") == "semantic":
-            raise SynthesisError(
-                f"{where}: this model predicts IndexTTS2's semantic codes, which only IndexTTS2's own s2mel stage and "
-                "vocoder turn into audio. Export it (indextts export) and run IndexTTS2's infer_v2 with the exported "
-                "gpt.pth, bpe.model and config.yaml.")
+        self.semantic = codec_rec.get("kind", "dac") == "semantic"
         weights = Path(codec_weights or codec_rec.get("weights") or "")
         if not weights.is_file():
             raise SynthesisError(f"{where}: the codec weights {str(weights) or '(none recorded)'} are not there; pass "
-                                 "--codec-weights with the DAC weights this model's codes were made with")
+                                 "--codec-weights with the codec weights this model's codes were made with")
         vocab = checkpoint_vocab(self.checkpoint)
         self.model, self.meta = load_checkpoint(self.checkpoint, vocab_path=vocab, device=str(self.device))
         self.cfg = self.model.cfg
-        if self.cfg.features.kind != "log_mel":
+        want_features = "w2v_bert" if self.semantic else "log_mel"
+        if self.cfg.features.kind != want_features:
             raise SynthesisError(
-                f"{where}: the model's prompts are {self.cfg.features.kind} features; synthesize computes log-mel "
-                "prompt features only (the w2v-BERT prompt path belongs with the semantic codes, see indextts export)")
+                f"{where}: the model's prompts are {self.cfg.features.kind} features; synthesis computes "
+                f"{want_features} prompts for {'semantic' if self.semantic else 'DAC'} codes (w2v-BERT with the "
+                "semantic codec, log-mel with DAC)")
         want = (meta.get("extra") or {}).get("codes_codec", {}).get("weights_sha256")
         got = sha256_file(weights)
         if want and got != want:
@@ -219,7 +231,20 @@ class Synthesizer:
                 f"{weights}: not the codec this model's codes were made with (sha256 {got[:16]}..., the checkpoint's "
                 f"codes came from {want[:16]}...); pass the codec weights the codes were extracted with")
         codec_cfg = parse_section(CodecConfig, {**codec_rec, "weights": str(weights)}, f"{where}:codec")
-        self.codec, self.codec_info = load_codec(weights, device=self.device, n_quantizers=codec_cfg.n_quantizers)
+        self.voice = None
+        if self.semantic:
+            from indextts.voice import SemanticVoice, VoiceFiles
+
+            files = voice or VoiceFiles.from_record({}, str(where))
+            self.voice = SemanticVoice(codec_cfg, files, device=self.device)
+            self.codec, self.codec_info = None, self.voice.encoder.info
+            if self.voice.gpt_dim != self.cfg.model_dim:
+                from indextts.voice import VoiceError
+
+                raise VoiceError(f"{files.s2mel}: its gpt_layer reads {self.voice.gpt_dim}-dim GPT latents, this "
+                                 f"model's are {self.cfg.model_dim}; pretrained.s2mel is not this model's release")
+        else:
+            self.codec, self.codec_info = load_codec(weights, device=self.device, n_quantizers=codec_cfg.n_quantizers)
         self.text_cfg = parse_section(TextConfig, meta.get("text") or {}, f"{where}:text")
         self.sp = spm.SentencePieceProcessor()
         self.sp.Load(str(vocab))
@@ -227,7 +252,8 @@ class Synthesizer:
 
     @property
     def sample_rate(self) -> int:
-        return int(self.codec_info.sample_rate)
+        """The output's rate: the DAC's, or BigVGAN's 22.05 kHz for semantic codes."""
+        return int(self.voice.sample_rate if self.voice is not None else self.codec_info.sample_rate)
 
     @property
     def frame_rate(self) -> float:
@@ -254,10 +280,16 @@ class Synthesizer:
                   f"cover) in {norm!r}", file=sys.stderr)
         return ids
 
-    def prompt_features(self, path: str | Path, seconds: float) -> torch.Tensor:
-        """Log-mel ``[frames, F]`` of the first ``seconds`` of a prompt clip (cached per clip)."""
+    def prompt_features(self, path: str | Path, seconds: float, *, emotion: bool = False) -> torch.Tensor:
+        """The conditioning features ``[frames, F]`` of the first ``seconds`` of a prompt clip:
+        log-mel, or for semantic codes w2v-BERT as ``infer_v2`` computes them (the speaker prompt
+        through a 22.05 kHz load, an emotion prompt loaded at 16 kHz). Cached per clip."""
         from indextts.features import load_audio, log_mel
 
+        if self.voice is not None:
+            if emotion:
+                return self.voice.emotion_features(path, seconds)
+            return self.voice.prompt(path, seconds).features
         key = (str(Path(path).resolve()), float(seconds))
         if key not in self._features:
             fcfg = self.cfg.features
@@ -291,7 +323,10 @@ class Synthesizer:
             log(f"max_frames {cfg.max_frames} capped at {limit}, the longest utterance the model's position "
                 "table holds")
         K = self.cfg.n_codebooks
-        decode_all = K == int(self.codec.n_codebooks)
+        if cfg.num_beams > 1 and K != 1:
+            raise SynthesisError(f"synthesize.num_beams is {cfg.num_beams} but this model predicts {K} codebooks per "
+                                 "step; beams need one code stream: set synthesize.num_beams: 1")
+        decode_all = self.codec is None or K == int(self.codec.n_codebooks)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             t0 = time.perf_counter()
@@ -299,7 +334,8 @@ class Synthesizer:
             spk, spk_len = _pad([self.prompt_features(r.speaker_prompt, cfg.prompt_seconds) for r in batch], 0.0)
             emo_kw: dict[str, Any] = {}
             if any(r.emotion_prompt is not None for r in batch):
-                emo, emo_len = _pad([self.prompt_features(r.emotion_prompt or r.speaker_prompt, cfg.prompt_seconds)
+                emo, emo_len = _pad([self.prompt_features(r.emotion_prompt, cfg.prompt_seconds, emotion=True)
+                                     if r.emotion_prompt is not None else self.prompt_features(r.speaker_prompt, cfg.prompt_seconds)
                                      for r in batch], 0.0)
                 emo_kw = dict(emo_feats=emo.to(self.device), emo_lengths=emo_len.to(self.device),
                               emo_alpha=cfg.emo_alpha)
@@ -308,9 +344,14 @@ class Synthesizer:
                 text.to(self.device), spk.to(self.device), spk_len.to(self.device), **emo_kw,
                 text_lengths=text_len.to(self.device), max_new_tokens=cfg.max_frames, min_new_tokens=1,
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                repetition_penalty=cfg.repetition_penalty, generator=gens, use_cache=use_cache)
-            audio = [decode_codes(self.codec, codes[b, :, : int(n)], n_codebooks_ok=not decode_all).cpu().numpy()
-                     for b, n in enumerate(lengths.tolist())]
+                repetition_penalty=cfg.repetition_penalty, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                generator=gens, use_cache=use_cache)
+            if self.voice is not None:
+                audio = [self._speak(r, tokens[r.name], codes[b, 0, : int(lengths[b])], cfg)
+                         for b, r in enumerate(batch)]
+            else:
+                audio = [decode_codes(self.codec, codes[b, :, : int(n)], n_codebooks_ok=not decode_all).cpu().numpy()
+                         for b, n in enumerate(lengths.tolist())]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             wall = time.perf_counter() - t0
@@ -327,6 +368,47 @@ class Synthesizer:
                                 sample_rate=self.sample_rate, frames=n, seconds=round(audio[b].shape[0] / self.sample_rate, 4),
                                 stop_reached=stopped, rtf=round(wall / max(total, 1e-9), 4),
                                 codes=codes[b, :, :n].cpu())
+
+
+    def _speak(self, r: Request, tokens: list[int], codes: torch.Tensor, cfg: SynthesizeConfig) -> np.ndarray:
+        """Semantic codes ``[T]`` of one row to a waveform: the teacher-forced GPT latents with the
+        row's own prompts, then s2mel and BigVGAN. The CFM noise comes from a generator of its own,
+        seeded by (seed, row name): how many draws the GPT's sampling took (more when a row waits in
+        a batch for longer rows) does not move it."""
+        dev = self.device
+        generator = torch.Generator(device=dev).manual_seed(row_seed(cfg.seed, f"{r.name}\0s2mel"))
+        spk = self.prompt_features(r.speaker_prompt, cfg.prompt_seconds)
+        emo_kw: dict[str, Any] = {}
+        if r.emotion_prompt is not None:
+            emo = self.prompt_features(r.emotion_prompt, cfg.prompt_seconds, emotion=True)
+            emo_kw = dict(emo_feats=emo[None].to(dev), emo_lengths=torch.tensor([emo.shape[0]], device=dev),
+                          emo_alpha=cfg.emo_alpha)
+        latents = self.model.code_latents(torch.tensor([tokens], device=dev), codes[None].to(dev), spk[None].to(dev),
+                                          torch.tensor([spk.shape[0]], device=dev), **emo_kw)
+        return self.voice.speak(codes, latents, self.voice.prompt(r.speaker_prompt, cfg.prompt_seconds),
+                                n_steps=cfg.diffusion_steps, cfg_rate=cfg.cfg_rate, generator=generator)
+
+    def resynthesize(self, requests: Sequence[Request], references: Sequence[str | Path], cfg: SynthesizeConfig,
+                     ) -> Iterator[Synthesis]:
+        """Semantic codes only: each request's real recording (``references``) as this stage would
+        voice it if the GPT had predicted its codes exactly: the recording's own codes (extraction's
+        computation), the GPT latents teacher-forced on them with the request's text and prompts,
+        then s2mel and BigVGAN. The evaluation's topline for this stage.
+        """
+        from indextts.codes import read_audio
+
+        if self.voice is None:
+            raise SynthesisError("resynthesize: only semantic-code checkpoints have a per-stage topline; a DAC "
+                                 "topline is the codec alone (indextts evaluate-reference)")
+        rate = int(self.codec_info.sample_rate)
+        for r, ref in zip(requests, references, strict=True):
+            t0 = time.perf_counter()
+            codes = self.voice.codes_of(read_audio(str(ref), rate))
+            audio = self._speak(r, self.tokenize(r.text, f"row {r.name!r}"), codes, cfg)
+            seconds = audio.shape[0] / self.sample_rate
+            yield Synthesis(request=r, audio=audio, sample_rate=self.sample_rate, frames=int(codes.shape[0]),
+                            seconds=round(seconds, 4), stop_reached=True,
+                            rtf=round((time.perf_counter() - t0) / max(seconds, 1e-9), 4), codes=codes[None].cpu())
 
 
 def _pad(seqs: Sequence[torch.Tensor], value: float | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,8 +608,8 @@ def _config(a) -> SynthesizeConfig:
     if a.runtime:
         config = merge_runtime(config, load_config_arg(a.runtime))
     section = dict(config.get("synthesize") or {})
-    for key in ("temperature", "top_k", "top_p", "repetition_penalty", "max_frames", "emo_alpha", "prompt_seconds",
-                "seed", "device", "batch_size"):
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "length_penalty", "max_frames",
+                "emo_alpha", "prompt_seconds", "seed", "device", "batch_size", "diffusion_steps", "cfg_rate"):
         value = getattr(a, key)
         if value is not None:
             section[key] = value
@@ -539,6 +621,12 @@ def cli_synthesize(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="indextts synthesize", description=cli_synthesize.__doc__)
     p.add_argument("--checkpoint", required=True, help="a stage folder, e.g. results/train/stage3")
     p.add_argument("--codec-weights", help="the codec weights (default: the path the checkpoint's model.json names)")
+    voice = p.add_argument_group("semantic codes: the released files after the GPT (required for those models)")
+    voice.add_argument("--s2mel", help="IndexTTS2's s2mel.pth")
+    voice.add_argument("--campplus", help="campplus_cn_common.bin (CAM++)")
+    voice.add_argument("--bigvgan", help="the bigvgan_v2_22khz_80band_256x folder (config.json, bigvgan_generator.pt)")
+    voice.add_argument("--topline-dir", help="batch mode: also write each row's real recording (column reference) "
+                       "voiced by this stage from its own codes, <name>.wav (the evaluation's topline)")
     one = p.add_argument_group("one utterance")
     one.add_argument("--text", help="the text to speak")
     one.add_argument("--speaker-prompt", help="a clip of the voice to speak in")
@@ -551,8 +639,8 @@ def cli_synthesize(argv: list[str]) -> int:
     p.add_argument("--config", help="config file or inline JSON with a synthesize section")
     p.add_argument("--runtime", help="inline JSON of runtime knobs laid over --config (what the rules pass)")
     for key, tp in (("temperature", float), ("top_k", int), ("top_p", float), ("repetition_penalty", float),
-                    ("max_frames", int), ("emo_alpha", float), ("prompt_seconds", float), ("seed", int),
-                    ("batch_size", int)):
+                    ("num_beams", int), ("length_penalty", float), ("max_frames", int), ("emo_alpha", float), ("prompt_seconds", float), ("seed", int),
+                    ("batch_size", int), ("diffusion_steps", int), ("cfg_rate", float)):
         p.add_argument("--" + key.replace("_", "-"), type=tp, help=f"override synthesize.{key}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override synthesize.device")
     p.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache (slow; a reference)")
@@ -563,9 +651,20 @@ def cli_synthesize(argv: list[str]) -> int:
         p.error("--text needs --speaker-prompt and --out")
     if a.list and not a.out_dir:
         p.error("--list needs --out-dir")
+    if a.topline_dir and not a.list:
+        p.error("--topline-dir needs --list (with a reference column)")
+    given = [a.s2mel, a.campplus, a.bigvgan]
+    if any(given) and not all(given):
+        p.error("give --s2mel, --campplus and --bigvgan together")
     cfg = _config(a)
-    from indextts.checkpoint import CheckpointError
+    from indextts.audio.bigvgan import BigVGANLoadError
+    from indextts.audio.campplus import CampplusLoadError
     from indextts.audio.dac import CodecLoadError
+    from indextts.audio.s2mel import S2MelLoadError
+    from indextts.audio.semantic_codec import SemanticCodecLoadError
+    from indextts.audio.w2v_bert import W2VBertLoadError
+    from indextts.checkpoint import CheckpointError
+    from indextts.voice import VoiceError, VoiceFiles
 
     try:
         if a.text:
@@ -577,7 +676,8 @@ def cli_synthesize(argv: list[str]) -> int:
                                 emotion_prompt=Path(a.emotion_prompt) if a.emotion_prompt else None)]
         else:
             requests = read_requests(a.list)
-        synth = Synthesizer(a.checkpoint, codec_weights=a.codec_weights, device=cfg.device)
+        files = VoiceFiles(Path(a.s2mel), Path(a.campplus), Path(a.bigvgan)) if all(given) else None
+        synth = Synthesizer(a.checkpoint, codec_weights=a.codec_weights, device=cfg.device, voice=files)
         print(f"{a.checkpoint}: {synth.meta.get('stage')} step {synth.meta.get('step')}, {synth.cfg.n_codebooks} "
               f"codebook(s), codec at {synth.sample_rate} Hz, on {synth.device}; {len(requests)} utterance(s)")
         results = []
@@ -590,10 +690,18 @@ def cli_synthesize(argv: list[str]) -> int:
         if a.list:
             path = write_table(table, a.table or Path(a.out_dir) / "samples.tsv")
             print(f"wrote {len(results)} WAVs to {a.out_dir} and {path}")
+            if a.topline_dir:
+                refs = [dict(r.columns).get("reference") for r in requests]
+                if not all(refs):
+                    raise SynthesisError(f"{a.list}: --topline-dir needs a reference column (each row's real recording)")
+                for s in synth.resynthesize(requests, refs, cfg):
+                    write_wav(Path(a.topline_dir) / f"{s.request.name}.wav", s.audio, s.sample_rate)
+                print(f"wrote {len(requests)} topline WAVs to {a.topline_dir}")
         else:
             print(f"wrote {a.out}: {results[0].seconds:.2f} s, {results[0].frames} frames, stop reached "
                   f"{results[0].stop_reached}, RTF {results[0].rtf:.3f}")
-    except (SynthesisError, CheckpointError, CodecLoadError) as e:
+    except (SynthesisError, CheckpointError, CodecLoadError, VoiceError, S2MelLoadError, CampplusLoadError,
+            BigVGANLoadError, SemanticCodecLoadError, W2VBertLoadError) as e:
         print(f"indextts synthesize: {e}", file=sys.stderr)
         return 1
     return 0

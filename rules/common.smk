@@ -3,9 +3,11 @@
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # Checked before any job runs: an unknown key or a wrong type stops the DAG and names the key.
@@ -25,6 +27,10 @@ GENERATED_INPUTS = {DEMO_MANIFEST, DEMO_CODEC} if config["demo"]["enabled"] else
 
 # The folder of a local facebook/w2v-bert-2.0 (codec.w2v_bert): the files extract_codes reads.
 W2V_BERT_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")
+# The released BigVGAN folder (pretrained.bigvgan): what the semantic voice loads from it.
+BIGVGAN_FILES = ("config.json", "bigvgan_generator.pt")
+# The released files after the GPT, with which a semantic-code stage is heard.
+VOICE_KEYS = ("s2mel", "campplus", "bigvgan")
 
 
 def semantic_only(cfg):
@@ -49,6 +55,9 @@ CONFIGURED_INPUTS = (
     ("pretrained.gpt", "file", False),
     ("pretrained.bpe", "file", False),
     ("pretrained.config", "file", False),
+    ("pretrained.s2mel", "file", False),
+    ("pretrained.campplus", "file", False),
+    ("pretrained.bigvgan", BIGVGAN_FILES, False),
     ("eval.asr.path", "folder", False),
     ("eval.speaker.path", "folder", False),
 )
@@ -152,9 +161,11 @@ RUNTIME_KEYS = {
     "synthesize": ("batch_size",),
 }
 
-# Keys only the export reads: left out of every other stage's params (stage_config), so pointing
-# pretrained.config at the released config.yaml reruns the export and nothing else.
+# Keys only the export (pretrained.config) or synthesis (the voice files, passed as inputs) reads:
+# left out of every stage's params (stage_config), so pointing pretrained.config at the released
+# config.yaml reruns the export and nothing else, and the voice files only re-speak the samples.
 EXPORT_KEYS = {"pretrained": ("config",)}
+SYNTHESIS_KEYS = {"pretrained": VOICE_KEYS}
 
 
 def stage_config(*sections, unread=()):
@@ -164,7 +175,7 @@ def stage_config(*sections, unread=()):
     that this stage does not read (they keep their defaults in the library)."""
     out = {}
     for s in sections:
-        skip = (*RUNTIME_KEYS.get(s, ()), *EXPORT_KEYS.get(s, ()))
+        skip = (*RUNTIME_KEYS.get(s, ()), *EXPORT_KEYS.get(s, ()), *SYNTHESIS_KEYS.get(s, ()))
         skip += tuple(u.split(".", 1)[1] for u in unread if u.startswith(f"{s}."))
         out[s] = {k: v for k, v in (config.get(s) or {}).items() if k not in skip}
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
@@ -337,15 +348,59 @@ def features_arg(wildcards, input, output):
 # --- synthesis, export, report ----------------------------------------------------------------
 
 
+SEMANTIC_CODES = config["codec"]["kind"] == "semantic"
+
+
+def voice_configured():
+    """Semantic codes are heard through the released s2mel, CAM++ and BigVGAN: all three set."""
+    pre = config.get("pretrained") or {}
+    return all(pre.get(k) for k in VOICE_KEYS)
+
+
 def sample_stages():
-    """The training stages that speak the sample set (samples.stages); none for semantic codes,
-    which only IndexTTS2's own s2mel stage turns into audio (see the export)."""
-    if config["codec"]["kind"] == "semantic":
+    """The training stages that speak the sample set (samples.stages). Semantic-code stages speak
+    through pretrained.s2mel, campplus and bigvgan; without them none do (said once, below)."""
+    if SEMANTIC_CODES and not voice_configured():
         return []
     return [int(k) for k in config["samples"]["stages"]]
 
 
 SAMPLE_STAGES = sample_stages()
+if SEMANTIC_CODES and config["samples"]["stages"] and not SAMPLE_STAGES:
+    logger.warning(
+        "codec.kind is semantic but pretrained."
+        + ", pretrained.".join(k for k in VOICE_KEYS if not (config.get("pretrained") or {}).get(k))
+        + " not set: the stages will not be heard (no samples, no evaluation). Set them to the released "
+        "s2mel.pth, campplus_cn_common.bin and bigvgan_v2_22khz_80band_256x folder."
+    )
+
+
+def get_voice_files(wildcards):
+    """The released files a semantic-code stage speaks through (none for DAC): s2mel, CAM++,
+    BigVGAN and the w2v-BERT files the prompts go through, so replacing one re-speaks the samples.
+    """
+    if not SEMANTIC_CODES:
+        return {}
+    pre = config["pretrained"]
+    codec_files = get_codec_files(wildcards)
+    return {
+        "s2mel": pre["s2mel"],
+        "campplus": pre["campplus"],
+        "bigvgan": [str(Path(pre["bigvgan"]) / name) for name in BIGVGAN_FILES],
+        "w2v_bert": codec_files["w2v_bert"],
+        "w2v_bert_stats": codec_files["w2v_bert_stats"],
+    }
+
+
+def voice_args(wildcards, input, output):
+    """The synthesize CLI's semantic flags: the voice files and the per-stage topline folder."""
+    if not SEMANTIC_CODES:
+        return ""
+    folder = str(Path(input.bigvgan[0]).parent)
+    return (
+        f" --s2mel {shlex.quote(input.s2mel)} --campplus {shlex.quote(input.campplus)}"
+        f" --bigvgan {shlex.quote(folder)} --topline-dir {shlex.quote(str(Path(output.topline[0]).parent))}"
+    )
 
 
 def sample_names():

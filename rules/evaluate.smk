@@ -1,7 +1,8 @@
 # Evaluation: every stage's samples scored against the real recordings of their texts
 # (evaluate_stage), beside what they are compared with, scored once for all stages
-# (evaluate_reference: the codec topline, the floor, the real recordings), and linear probes on each
-# stage's frozen conditioners (probe_stage). Model-based measures (CER, speaker similarity) run when
+# (evaluate_reference: the DAC topline, the floor, the real recordings; a semantic-code stage's
+# topline is its own, made by synthesize_samples and scored by evaluate_stage), and linear probes
+# on each stage's frozen conditioners (probe_stage). Model-based measures (CER, speaker similarity) run when
 # eval.asr.path / eval.speaker.path name local model folders.
 
 EVAL_CODE = code_id("evaluation/", "synthesize", "text", "audio/dac", "codes", *CORE)
@@ -13,13 +14,16 @@ rule evaluate_reference:
     input:
         requests=rules.sample_list.output.requests,
         clean=f"{RESULTS}/clean/clean.parquet",
-        codec=config["codec"]["weights"],
+        codec=[] if SEMANTIC_CODES else config["codec"]["weights"],
         models=get_eval_models,
     output:
         scores=f"{RESULTS}/eval/reference/scores.parquet",
         summary=f"{RESULTS}/eval/reference/summary.json",
         features=f"{RESULTS}/eval/reference/features.npz",
-        topline=expand(f"{RESULTS}/eval/reference/topline/{{name}}.wav", name=sample_names()),
+        topline=expand(
+            f"{RESULTS}/eval/reference/topline/{{name}}.wav",
+            name=[] if SEMANTIC_CODES else sample_names(),
+        ),
     log:
         f"{LOGS}/eval/reference.log",
     conda:
@@ -33,9 +37,12 @@ rule evaluate_reference:
         ),
         code=EVAL_CODE,
         out_dir=folder_of("scores"),
+        codec=lambda wildcards, input: (
+            f" --codec-weights {shlex.quote(input.codec)}" if input.codec else ""
+        ),
     shell:
         "indextts evaluate-reference --config {params.cfg:q} --samples {input.requests:q}"
-        " --clean {input.clean:q} --codec-weights {input.codec:q} --out-dir {params.out_dir:q}"
+        " --clean {input.clean:q}{params.codec} --out-dir {params.out_dir:q}"
         " > {log:q} 2>&1"
 
 
@@ -43,6 +50,7 @@ rule evaluate_stage:
     input:
         table=f"{RESULTS}/samples/stage{{stage}}/samples.tsv",
         wavs=expand(f"{RESULTS}/samples/stage{{{{stage}}}}/{{name}}.wav", name=sample_names()),
+        topline=rules.synthesize_samples.output.topline,
         clean=f"{RESULTS}/clean/clean.parquet",
         reference=rules.evaluate_reference.output.scores,
         features=rules.evaluate_reference.output.features,
@@ -63,10 +71,15 @@ rule evaluate_stage:
         cfg=eval_config(unread=("eval.probe",)),
         code=EVAL_CODE,
         out_dir=folder_of("scores"),
+        topline=lambda wildcards, input: (
+            f" --topline-dir {shlex.quote(str(Path(input.topline[0]).parent))}"
+            if input.topline
+            else ""
+        ),
     shell:
         "indextts evaluate --config {params.cfg:q} --samples {input.table:q} --clean {input.clean:q}"
-        " --reference {input.reference:q} --features {input.features:q} --out-dir {params.out_dir:q} --label stage{wildcards.stage}"
-        " > {log:q} 2>&1"
+        " --reference {input.reference:q} --features {input.features:q}{params.topline}"
+        " --out-dir {params.out_dir:q} --label stage{wildcards.stage} > {log:q} 2>&1"
 
 
 rule probe_stage:

@@ -136,6 +136,11 @@ rule report_samples:
         ),
         scores=expand(f"{RESULTS}/eval/stage{{stage}}/scores.parquet", stage=EVAL_STAGES),
         topline=rules.evaluate_reference.output.topline,
+        stage_toplines=expand(
+            f"{RESULTS}/samples/stage{{stage}}/topline/{{name}}.wav",
+            stage=SAMPLE_STAGES if SEMANTIC_CODES else [],
+            name=sample_names(),
+        ),
     output:
         page=report(
             directory(f"{REPORT_DIR}/samples"),
@@ -151,11 +156,15 @@ rule report_samples:
         prompt_seconds=config["synthesize"]["prompt_seconds"],
         cfg=stage_config("report"),
         code=REPORT_CODE,
-        topline_dir=lambda wildcards, input: os.path.dirname(input.topline[0]),
+        topline=lambda wildcards, input: (
+            f" --topline-dir {shlex.quote(os.path.dirname(input.topline[0]))}"
+            if input.topline
+            else ""
+        ),
     shell:
         "indextts report-samples --config {params.cfg:q} --tables {input.tables:q}"
         " --out-dir {output.page:q} --prompt-seconds {params.prompt_seconds}"
-        " --scores {input.scores:q} --topline-dir {params.topline_dir:q} > {log:q} 2>&1"
+        " --scores {input.scores:q}{params.topline} > {log:q} 2>&1"
 
 
 rule report_export:

@@ -1,9 +1,17 @@
 # Synthesis: one fixed sample set (sample_list) spoken by each training stage (synthesize_samples),
-# each from nothing but its checkpoint folder and the codec weights. Semantic-code models are
-# decoded by IndexTTS2's own s2mel, not here: with codec.kind semantic no samples are made.
+# each from nothing but its checkpoint folder and the codec weights. Semantic-code stages speak
+# through the released s2mel, CAM++ and BigVGAN (pretrained.s2mel, campplus, bigvgan) and also
+# voice each sample's real recording from its own codes (topline/, the evaluation's topline).
 
 SYNTH_CODE = code_id(
-    "synthesize", "checkpoint", "audio/dac", "codes", "features", "text", "model/", *CORE
+    "synthesize",
+    "checkpoint",
+    *(["audio/", "voice"] if SEMANTIC_CODES else ["audio/dac"]),
+    "codes",
+    "features",
+    "text",
+    "model/",
+    *CORE,
 )
 
 
@@ -26,6 +34,7 @@ rule sample_list:
 
 rule synthesize_samples:
     input:
+        unpack(get_voice_files),
         meta=f"{RESULTS}/train/stage{{stage}}/model.json",
         weights=f"{RESULTS}/train/stage{{stage}}/model.safetensors",
         requests=rules.sample_list.output.requests,
@@ -33,6 +42,10 @@ rule synthesize_samples:
     output:
         table=f"{RESULTS}/samples/stage{{stage}}/samples.tsv",
         wavs=expand(f"{RESULTS}/samples/stage{{{{stage}}}}/{{name}}.wav", name=sample_names()),
+        topline=expand(
+            f"{RESULTS}/samples/stage{{{{stage}}}}/topline/{{name}}.wav",
+            name=sample_names() if SEMANTIC_CODES else [],
+        ),
     log:
         f"{LOGS}/samples/stage{{stage}}.log",
     wildcard_constraints:
@@ -49,9 +62,10 @@ rule synthesize_samples:
         runtime=runtime_params,
         checkpoint=folder_of("meta"),
         out_dir=folder_of("table"),
+        voice=voice_args,
     shell:
         "indextts synthesize --checkpoint {params.checkpoint:q} --codec-weights {input.codec:q}"
-        " --list {input.requests:q} --out-dir {params.out_dir:q} --table {output.table:q}"
+        " --list {input.requests:q} --out-dir {params.out_dir:q} --table {output.table:q}{params.voice}"
         " --config {params.cfg:q} --runtime {params.runtime:q} > {log:q} 2>&1"
 
 

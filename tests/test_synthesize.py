@@ -346,13 +346,14 @@ def test_errors_name_the_row_and_what_to_do(assets, tmp_path: Path, capsys) -> N
     (tmp_path / "nocol.tsv").write_text("name\ttext\na\tb\n")
     with pytest.raises(SynthesisError, match="missing column.*speaker_prompt"):
         read_requests(tmp_path / "nocol.tsv")
-    # A semantic-code checkpoint is refused: only IndexTTS2's s2mel decodes those codes.
+    # Semantic codes with log-mel prompts (a model that cannot come from extraction) are refused by
+    # name; semantic synthesis itself is tests/test_voice.py's.
     folder = tmp_path / "semantic"
     shutil.copytree(assets["ckpt"], folder)
     meta = json.loads((folder / "model.json").read_text())
     meta["codec"]["kind"] = "semantic"
     (folder / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(SynthesisError, match="semantic codes.*indextts export"):
+    with pytest.raises(SynthesisError, match="prompts are log_mel features; synthesis computes w2v_bert prompts"):
         Synthesizer(folder)
 
 
@@ -522,3 +523,154 @@ def test_export_check_fails_when_the_reimport_differs(assets, tmp_path: Path, mo
     monkeypatch.setattr(pretrained, "import_official", lossy)
     with pytest.raises(TransferError, match="does not re-import identically"):
         pretrained.export_stage(ckpt, tmp_path / "export")
+
+
+# --- beam search ----------------------------------------------------------------------------------
+
+
+def beam_model(V: int, semantic: bool, *, stop_bias: float, sharpen: float):
+    """A tiny one-stream model: DAC-like (V = 18, log-mel prompts) or semantic-like (V = 66,
+    w2v-BERT-sized prompts); ``sharpen`` scales the code head so that the search has choices."""
+    extra = {"features": {"kind": "w2v_bert", "w2v_bert_dim": 32}} if semantic else {}
+    torch.manual_seed(0)
+    m = build_model(model_config("tiny", number_mel_codes=V, n_codebooks=1, **extra)).eval()
+    with torch.no_grad():
+        m.mel_head.weight.mul_(sharpen)
+        m.mel_head.bias[m.cfg.stop_mel_token] += stop_bias
+    return m
+
+
+def hf_generate(m, x: dict, **kw) -> torch.Tensor:
+    """transformers' own ``generate`` on our model: a minimal GenerationMixin model whose forward
+    gives the next-code logits of ``[start, c_0 .. c_{T-1}]`` by our teacher-forced forward (no
+    cache), with the start code suppressed and stop as EOS. Returns the codes after start (the
+    stop included, stop-padded)."""
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class Codes(PreTrainedModel, GenerationMixin):
+        config_class = PretrainedConfig
+
+        def __init__(self) -> None:
+            super().__init__(PretrainedConfig(vocab_size=m.cfg.number_mel_codes))
+            self.voice = m  # (its parameters tell HF the device)
+
+        def forward(self, input_ids, **_):
+            n, T = input_ids.shape[0], input_ids.shape[1] - 1
+            codes = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # a junk frame past the end
+            rows = {k: v.expand(n, *v.shape[1:]) for k, v in x.items()}
+            out = self.voice(rows["text_ids"], torch.full((n,), x["text_ids"].shape[1]), codes, torch.full((n,), T),
+                             rows["cond_feats"], rows["cond_lengths"], rows["emo_feats"], rows["emo_lengths"])
+            return CausalLMOutput(logits=out.mel_logits[:, T : T + 1])
+
+        def prepare_inputs_for_generation(self, input_ids, **_):
+            return {"input_ids": input_ids}
+
+    start, stop = m.cfg.start_mel_token, m.cfg.stop_mel_token
+    out = Codes().eval().generate(torch.tensor([[start]]), suppress_tokens=[start], eos_token_id=stop,
+                                  pad_token_id=stop, use_cache=False, **kw)
+    return out[0, 1:]
+
+
+def same_as_hf(m, hf: torch.Tensor, codes: torch.Tensor, n: torch.Tensor, limit: int) -> bool:
+    """Our codes ``[1, 1, T]`` / length are HF's sequence: the same codes, then its stop (or the cap)."""
+    T = int(n[0])
+    return hf[:T].tolist() == codes[0, 0].tolist() and (T == limit or int(hf[T]) == m.cfg.stop_mel_token)
+
+
+@pytest.mark.parametrize("V, semantic, stop_bias, sharpen", [(18, False, 1.0, 1.0), (66, True, 1.0, 20.0)],
+                         ids=["dac-like", "semantic-like"])
+def test_beam_search_equals_huggingface(V: int, semantic: bool, stop_bias: float, sharpen: float) -> None:
+    """Greedy beam search (num_beams 3, repetition penalty, min_new_tokens, both length penalties)
+    gives HF's own beam search token for token; hypotheses finish at different lengths, so the
+    length penalty picks different winners, and the search runs past the one it returns."""
+    m = beam_model(V, semantic, stop_bias=stop_bias, sharpen=sharpen)
+    limit, lengths, ran_on, beats_greedy = 25, {}, False, False
+    for r in (0, 1):
+        x = row(ragged_inputs(m.cfg), r)
+        greedy, _, _ = generate(m, x, temperature=0, max_new_tokens=limit, min_new_tokens=3, repetition_penalty=10.0)
+        for lp in (0.0, 1.0):
+            kw = dict(num_beams=3, max_new_tokens=limit, min_new_tokens=3, repetition_penalty=10.0, length_penalty=lp)
+            codes, n, steps = generate(m, x, temperature=0, **kw)
+            assert same_as_hf(m, hf_generate(m, x, do_sample=False, **kw), codes, n, limit), f"row {r} lp {lp}"
+            lengths[r, lp] = int(n[0])
+            ran_on |= len(steps) > int(n[0]) + 1
+            beats_greedy |= not torch.equal(codes, greedy)
+    assert any(lengths[r, 0.0] != lengths[r, 1.0] for r in (0, 1)), lengths
+    assert ran_on and beats_greedy
+
+
+def test_beam_sampling_equals_huggingface_under_the_same_seed() -> None:
+    """Beam sampling (infer_v2's settings) draws HF's candidates: with the global RNG seeded alike,
+    the same codes; its top-k/top-p keep at least 2 ids, as HF's do with beams."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 66, generator=g) * 5
+    want = TopPLogitsWarper(0.3, min_tokens_to_keep=2)(None, TopKLogitsWarper(1, min_tokens_to_keep=2)(None, logits))
+    assert torch.equal(warp_logits(logits, 1.0, 1, 0.3, min_keep=2), want)
+    assert (~torch.isinf(want)).sum(-1).min() == 2
+    kw = dict(num_beams=3, max_new_tokens=25, min_new_tokens=3, repetition_penalty=10.0, length_penalty=0.0,
+              temperature=0.8, top_k=30, top_p=0.8)
+    for V, semantic, stop_bias, sharpen in ((18, False, 2.0, 20.0), (66, True, 1.0, 1.0)):
+        m = beam_model(V, semantic, stop_bias=stop_bias, sharpen=sharpen)
+        x = row(ragged_inputs(m.cfg), 0)
+        for seed in (0, 2):
+            torch.manual_seed(seed)
+            hf = hf_generate(m, x, do_sample=True, **kw)
+            torch.manual_seed(seed)
+            codes, n, _ = generate(m, x, **kw)
+            assert same_as_hf(m, hf, codes, n, 25), f"V {V} seed {seed}"
+
+
+def test_beam_sampling_is_seeded_and_every_row_is_what_it_is_alone() -> None:
+    m = beam_model(66, False, stop_bias=1.0, sharpen=5.0)
+    x = ragged_inputs(m.cfg)
+    kw = dict(num_beams=3, temperature=0.8, top_k=30, top_p=0.8, repetition_penalty=10.0, length_penalty=0.0,
+              min_new_tokens=2, max_new_tokens=30)
+
+    def gens(rows, base=100):
+        return [torch.Generator().manual_seed(base + b) for b in rows]
+
+    runs = [generate(m, row(x, 0), generator=torch.Generator().manual_seed(s), **kw)[:2] for s in (5, 5, 6)]
+    assert torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][0], runs[2][0])
+    codes, n, _ = generate(m, x, generator=gens(range(3)), **kw)
+    assert len(set(n.tolist())) > 1  # rows end at different frames
+    for b in range(3):
+        c1, n1, _ = generate(m, row(x, b), generator=gens([b]), **kw)
+        assert int(n1[0]) == int(n[b]) and torch.equal(c1[0], codes[b, :, : int(n1[0])])
+        assert (codes[b, :, int(n1[0]) :] == m.cfg.stop_mel_token).all()
+    # Greedy beams: a ragged batch with the cache, row by row without it.
+    greedy = dict(kw, temperature=0.0, length_penalty=1.0)
+    codes, n, _ = generate(m, x, **greedy)
+    for b in range(3):
+        c1, n1, _ = generate(m, row(x, b), use_cache=False, **greedy)
+        assert int(n1[0]) == int(n[b]) and torch.equal(c1[0], codes[b, :, : int(n1[0])])
+    with pytest.raises(ValueError, match="one code stream"):
+        generate(tiny_k(3), row(x, 0), **kw)
+
+
+def test_num_beams_reach_generation_and_need_one_code_stream(assets, tmp_path: Path, capsys) -> None:
+    from indextts.config import ConfigError
+    from indextts.synthesize import Request, SynthesisError, Synthesizer, SynthesizeConfig
+
+    with pytest.raises(ConfigError, match="synthesize.num_beams must be at least 1"):
+        SynthesizeConfig(num_beams=0)
+    reqs = [Request(name="r", text="selam dehna", speaker_prompt=assets["prompts"][0])]
+    with pytest.raises(SynthesisError, match="synthesize.num_beams is 3 .* one code stream"):
+        next(Synthesizer(assets["ckpt"], device="cpu").synthesize(reqs, SynthesizeConfig(num_beams=3)))
+    out = tmp_path / "x.wav"
+    args = ("--checkpoint", assets["ckpt"], "--text", "selam", "--speaker-prompt", assets["prompts"][0], "--out", out)
+    assert run_cli(*args, "--num-beams", "3", "--length-penalty", "1", *FAST) == 1
+    assert "synthesize.num_beams" in capsys.readouterr().err
+    # One stream: the beams and the length penalty reach generate_codes.
+    synth = Synthesizer(write_checkpoint(tmp_path, assets["codec"], K=1, seed=2, stop_bias=0.5), device="cpu")
+    seen, generate_codes = [], synth.model.generate_codes
+
+    def spy(*a, **kw):
+        seen.append((kw["num_beams"], kw["length_penalty"]))
+        return generate_codes(*a, **kw)
+
+    synth.model.generate_codes = spy
+    (s,) = synth.synthesize(reqs, SynthesizeConfig(num_beams=3, length_penalty=1.0, max_frames=20), log=lambda m: None)
+    assert seen == [(3, 1.0)] and 1 <= s.frames <= 20 and s.codes.shape[0] == 1

@@ -371,7 +371,8 @@ def _reference_summaries(reference: "pd.DataFrame | None", names: Sequence[str],
 
 def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path | None = None,
                    wav_dir: Path | None = None, reference: Path | None = None, features: Path | None = None,
-                   normalize: Callable[[str], str] = str, language: str = "", label: str = "", log=print) -> dict:
+                   topline_dir: Path | None = None, normalize: Callable[[str], str] = str, language: str = "",
+                   label: str = "", log=print) -> dict:
     """Score a folder of generated WAVs (``<name>.wav``) against their real recordings.
 
     Args:
@@ -382,6 +383,9 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
         reference: ``evaluate-reference``'s ``scores.parquet`` (topline, floor, real), put beside.
         features: ``evaluate-reference``'s ``features.npz``: the real recordings' analyses, reused
             (every stage scores against the same references and candidates).
+        topline_dir: this stage's own topline, ``<name>.wav`` (semantic codes: the real
+            recording's codes voiced through the stage), scored as the ``topline`` system in
+            place of the reference's.
         normalize: the text normaliser applied to ASR hypotheses and texts before scoring.
         language: the text's language (whether WER is meaningful).
         label: what was scored, for the summary (``stage3``).
@@ -417,6 +421,13 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
         if col in table.columns:
             scores.insert(1, col, table[col].tolist())
     ref = pd.read_parquet(reference) if reference else None
+    if topline_dir is not None:
+        top = [str(Path(topline_dir) / f"{n}.wav") for n in table["name"]]
+        missing = [c for c in top if not Path(c).is_file()]
+        if missing:
+            raise EvaluationError(f"{topline_dir}: {len(missing)} topline WAV(s) missing, e.g. {missing[0]}")
+        own = score_clips(top, table, cands, cfg, models, cache=cache).assign(system="topline")
+        ref = own if ref is None else pd.concat([ref[ref["system"] != "topline"], own], ignore_index=True)
     n_cands = [len(cands[n].paths) for n in table["name"] if len(cands[n].paths) > 1]
     summary = {
         "what": label or str(samples), "samples": str(samples), "n": len(table),
@@ -541,6 +552,8 @@ def cli_evaluate(argv: list[str]) -> int:
     p.add_argument("--clean", help="clean.parquet: other recordings of each speaker for text retrieval")
     p.add_argument("--reference", help="evaluate-reference's scores.parquet (topline, floor), put beside the scores")
     p.add_argument("--features", help="evaluate-reference's features.npz: the real recordings' analyses, reused")
+    p.add_argument("--topline-dir", help="this stage's own topline <name>.wav (semantic codes), in place of the "
+                   "reference's")
     p.add_argument("--out-dir", required=True, help="gets scores.parquet and summary.json")
     p.add_argument("--label", default="", help="what is scored, e.g. stage3")
     p.add_argument("--config", help="config file or inline JSON with the eval and text sections")
@@ -553,7 +566,8 @@ def cli_evaluate(argv: list[str]) -> int:
         summary = evaluate_stage(cfg, Path(a.samples), out_dir=Path(a.out_dir), clean=Path(a.clean) if a.clean else None,
                                  wav_dir=Path(a.wav_dir) if a.wav_dir else None,
                                  reference=Path(a.reference) if a.reference else None,
-                                 features=Path(a.features) if a.features else None, normalize=normalize,
+                                 features=Path(a.features) if a.features else None,
+                                 topline_dir=Path(a.topline_dir) if a.topline_dir else None, normalize=normalize,
                                  language=language, label=a.label)
     except (EvaluationError, EvalModelError) as e:
         print(f"indextts evaluate: {e}", file=sys.stderr)

@@ -370,6 +370,8 @@ class UnifiedVoice(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         use_cache: bool = True,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
@@ -406,12 +408,17 @@ class UnifiedVoice(nn.Module):
             repetition_penalty: HF's CTRL-style penalty on the ids a row's codebook has already
                 produced (a positive logit is divided by it, a negative one multiplied); 1 = off.
                 Applied in greedy decoding too, as HF does.
+            num_beams: more than 1 runs HF's beam search (temperature 0) or beam sampling
+                (IndexTTS2's ``num_beams=3``), see :meth:`_beam_codes`; one code stream only.
+            length_penalty: HF's: a finished hypothesis scores its summed log-probabilities
+                divided by (its length, stop included) ** length_penalty; beams only.
             generator: RNG for sampling; one per row (a sequence of B) makes each row's draws
                 independent of the batch it is in.
             use_cache: False recomputes the whole sequence at every step (a reference for the
                 cache; same tokens, much slower).
             on_step: called as ``on_step(step, logits)`` with each step's raw logits
-                ``[B, K, V]`` (float32, before any processing); for tests and diagnostics.
+                ``[B, K, V]`` (float32, before any processing; with beams ``[B * num_beams, 1,
+                V]``, the running beams row by row); for tests and diagnostics.
 
         Returns:
             Undelayed codes ``[B, K, T_max]`` (from each row's length on filled with
@@ -438,6 +445,9 @@ class UnifiedVoice(nn.Module):
                              f"top_p={top_p}, repetition_penalty={repetition_penalty}, top_k={top_k}")
         if emo_feats is not None and emo_lengths is None:
             raise ValueError("generate_codes: emo_feats given without emo_lengths")
+        if num_beams < 1 or (num_beams > 1 and K != 1):
+            raise ValueError(f"generate_codes: num_beams must be >= 1, and beams need one code stream (the delay "
+                             f"pattern's {K} codebooks per step have no single-token beam); got num_beams={num_beams}")
         prefix = self._prompt_prefix(cond_feats, cond_lengths, emo_feats, emo_lengths, emo_vec, emo_alpha)
         text_lengths = text_lengths.to(dev)
         text_in, _, _ = self.prepare_text(text_ids, text_lengths)  # [start, t_1..t_n, stop, stop ...]
@@ -452,6 +462,9 @@ class UnifiedVoice(nn.Module):
             first = first.gather(1, src[:, :, None].expand(-1, -1, first.shape[2]))
             key_mask = torch.arange(P, device=dev)[None, :] >= pad[:, None]  # (B, P)
         limit = self.frame_limit(max_new_tokens)
+        if num_beams > 1:
+            return self._beam_codes(first, key_mask, limit, num_beams, length_penalty, min_new_tokens, temperature,
+                                    top_k, top_p, repetition_penalty, generator, use_cache, on_step)
         start, stop = cfg.start_mel_token, cfg.stop_mel_token
         column = torch.full((B, K), start, dtype=torch.long, device=dev)  # the step's input, one id per codebook
         x = torch.cat([first, self.embed_codes(column[:, :, None]) + self.mel_pos_embedding(1, dev)], dim=1)
@@ -503,6 +516,38 @@ class UnifiedVoice(nn.Module):
                 seq = torch.cat([seq, x], dim=1)
         return out[:, :, : int(out_len.max())], out_len
 
+    @torch.no_grad()
+    def code_latents(self, text_ids: torch.Tensor, codes: torch.Tensor, cond_feats: torch.Tensor,
+                     cond_lengths: torch.Tensor, emo_feats: torch.Tensor | None = None,
+                     emo_lengths: torch.Tensor | None = None, *, emo_vec: torch.Tensor | None = None,
+                     emo_alpha: float = 1.0) -> torch.Tensor:
+        """The GPT latents IndexTTS2's s2mel reads for one utterance: ``[T, model_dim]``.
+
+        The second, teacher-forced pass of ``infer_v2`` (``gpt(..., return_latent)``): the
+        final-LayerNormed hidden states at the code inputs ``[start, c_0 .. c_{T-2}]``, i.e. the
+        state that predicts each code ``c_0 .. c_{T-1}``, with the same prefix as generation.
+        One stream (K = 1) only: these latents exist for the semantic codes.
+
+        Args:
+            text_ids: ``[1, Lt]`` text without start/stop.
+            codes: ``[1, T]`` the utterance's codes (no start/stop), T >= 1.
+            cond_feats, cond_lengths, emo_feats, emo_lengths, emo_vec, emo_alpha: as in
+                :meth:`generate_codes`.
+        """
+        if self.cfg.n_codebooks != 1 or codes.ndim != 2 or codes.shape[0] != 1 or text_ids.shape[0] != 1:
+            raise ValueError(f"code_latents: one row of one code stream, got codes {tuple(codes.shape)} for a "
+                             f"{self.cfg.n_codebooks}-codebook model and text {tuple(text_ids.shape)}")
+        dev = text_ids.device
+        prefix = self._prompt_prefix(cond_feats, cond_lengths, emo_feats, emo_lengths, emo_vec, emo_alpha)
+        text_in, _, _ = self.prepare_text(text_ids, torch.tensor([text_ids.shape[1]], device=dev))
+        T = codes.shape[1]
+        mel_in, _, _ = self.prepare_codes(codes[:, None], torch.tensor([T], device=dev))  # (1, 1, T + 2)
+        text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1], dev)
+        mel_emb = self.embed_codes(mel_in) + self.mel_pos_embedding(mel_in.shape[2], dev)
+        h = self.final_norm(self.gpt(torch.cat([prefix, text_emb, mel_emb], dim=1)))
+        start = prefix.shape[1] + text_in.shape[1]
+        return h[0, start : start + T]
+
     def _prompt_prefix(self, cond_feats: torch.Tensor, cond_lengths: torch.Tensor, emo_feats: torch.Tensor | None,
                        emo_lengths: torch.Tensor | None, emo_vec: torch.Tensor | None, emo_alpha: float) -> torch.Tensor:
         """The conditioning prefix ``[B, N + 2, D]`` of generation. Prompts of different lengths are
@@ -523,6 +568,136 @@ class UnifiedVoice(nn.Module):
             emo_vec = (self.get_emo_vec(cond_feats, cond_lengths) if emo_feats is None
                        else self.merge_emo_vec(cond_feats, cond_lengths, emo_feats, emo_lengths, emo_alpha))
         return self.build_prefix(self.get_conditioning(cond_feats, cond_lengths), emo_vec)
+
+    def _beam_codes(self, first: torch.Tensor, key_mask: torch.Tensor | None, limit: int, num_beams: int,
+                    length_penalty: float, min_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    repetition_penalty: float, generator: torch.Generator | Sequence[torch.Generator] | None,
+                    use_cache: bool, on_step: Callable[[int, torch.Tensor], None] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`generate_codes` with ``num_beams`` beams per row (one code stream): the beam
+        search (temperature 0) and beam sampling of transformers' ``generate`` (``_beam_search``,
+        ``early_stopping=False``), each row on its own.
+
+        * A beam's step scores are the ``log_softmax`` of its logits, then the processors (start
+          banned, stop banned before ``min_new_tokens``, the repetition penalty on what the beam
+          produced), then when sampling the warpers (temperature, top-k, top-p, each keeping at
+          least 2 ids); a continuation scores its beam's score plus its step score.
+        * Of a row's ``num_beams * V`` continuations ``2 * num_beams`` candidates are taken: the
+          best ones, or drawn without replacement with probabilities ``softmax(scores)`` over all
+          of them. Beams other than 0 start at -1e9, so the first step branches from beam 0 only.
+        * A candidate ending in stop, or reaching the frame limit, is finished: among the first
+          ``num_beams`` candidates each becomes a hypothesis scored ``score / length **
+          length_penalty`` (length: generated tokens, the stop included) and the row keeps its
+          ``num_beams`` best hypotheses. The ``num_beams`` best unfinished candidates run on.
+        * A row is done at the limit, or once its best running score over the current length **
+          length_penalty is no better than the worst of a full set of hypotheses (HF's heuristic);
+          a done row's hypotheses no longer change.
+
+        Returns the best hypothesis per row: codes ``[B, 1, T]`` (stop from its length on) and
+        lengths ``[B]`` (``limit`` for a hypothesis that reached the limit without a stop).
+        """
+        cfg = self.cfg
+        V, nb, W = cfg.number_mel_codes, num_beams, 2 * num_beams
+        start, stop = cfg.start_mel_token, cfg.stop_mel_token
+        B, dev = first.shape[0], first.device
+        N, NEG = B * nb, -1.0e9
+        beam_row = torch.arange(B, device=dev).repeat_interleave(nb)  # (N,): the row of each beam
+        x = torch.cat([first, self.embed_codes(first.new_full((B, 1, 1), start, dtype=torch.long))
+                       + self.mel_pos_embedding(1, dev)], dim=1)
+        row_mask = None if key_mask is None else torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
+        key_mask = None if row_mask is None else row_mask[beam_row]
+        cache = KVCache(cfg.layers) if use_cache else None
+        seq = x[beam_row]
+        run_codes = torch.full((B, nb, limit), stop, dtype=torch.long, device=dev)
+        run_score = torch.full((B, nb), NEG, device=dev)
+        run_score[:, 0] = 0.0
+        hyp_codes, hyp_score = run_codes.clone(), torch.full((B, nb), NEG, device=dev)
+        hyp_len = torch.full((B, nb), limit, dtype=torch.long, device=dev)
+        hyp_real = torch.zeros(B, nb, dtype=torch.bool, device=dev)  # a slot holds a finished hypothesis
+        undecided = torch.ones(B, dtype=torch.bool, device=dev)  # HF's is_early_stop_heuristic_unsatisfied
+        first_ones = torch.arange(W, device=dev) < nb  # the candidates that may become hypotheses
+        seen = torch.zeros(N, V, dtype=torch.bool, device=dev) if repetition_penalty != 1.0 else None
+        for step in range(limit):
+            if step == 0:  # the prompt once per row; its beams start as copies
+                h = (self.gpt(x, cache, row_mask) if use_cache else self.gpt(x, key_mask=row_mask))[beam_row]
+                if cache is not None:
+                    cache.reorder(beam_row)
+            else:
+                h = self.gpt(x, cache, key_mask) if use_cache else self.gpt(seq, key_mask=key_mask)
+            logits = self.code_logits(self.final_norm(h[:, -1])).float()  # (N, 1, V)
+            if on_step is not None:
+                on_step(step, logits)
+            lp = torch.log_softmax(logits[:, 0], dim=-1)
+            lp[:, start] = float("-inf")
+            if step < min_new_tokens:
+                lp[:, stop] = float("-inf")
+            if seen is not None:
+                lp = penalise_repeats(lp, seen, repetition_penalty)
+            if temperature > 0:
+                lp = warp_logits(lp, temperature, top_k, top_p, min_keep=2)
+            scores = (lp.view(B, nb, V) + run_score[:, :, None]).view(B, nb * V)
+            if temperature > 0:
+                idx = self._draw_candidates(scores, W, generator, undecided)
+                cand = scores.gather(1, idx)
+            else:
+                cand, idx = scores.topk(W, dim=1)
+            parent, tok = idx // V, idx % V  # (B, W)
+            codes = run_codes.gather(1, parent[:, :, None].expand(-1, -1, limit))
+            codes[:, :, step] = tok
+            ends = (tok == stop) | (step + 1 >= limit)
+            # The best unfinished candidates run on (finished ones sink by -1e9, as in HF).
+            live = cand + ends.float() * NEG
+            keep = live.topk(nb, dim=1).indices  # (B, nb)
+            run_score = live.gather(1, keep)
+            run_codes = codes.gather(1, keep[:, :, None].expand(-1, -1, limit))
+            beam = (parent.gather(1, keep) + torch.arange(B, device=dev)[:, None] * nb).view(N)
+            nxt = tok.gather(1, keep).view(N)
+            # Finished candidates among the first num_beams compete with the row's hypotheses.
+            fin = ends & first_ones
+            score = cand / float((step + 1) ** length_penalty)
+            score = score + (~undecided[:, None]).float() * NEG + (~fin).float() * NEG
+            merged = torch.cat([hyp_score, score], dim=1)
+            best = merged.topk(nb, dim=1).indices
+            hyp_score = merged.gather(1, best)
+            hyp_codes = torch.cat([hyp_codes, codes], dim=1).gather(1, best[:, :, None].expand(-1, -1, limit))
+            length = torch.where(tok == stop, step, step + 1)
+            hyp_len = torch.cat([hyp_len, length], dim=1).gather(1, best)
+            hyp_real = torch.cat([hyp_real, fin], dim=1).gather(1, best)
+            # HF's heuristic: can the best running beam still beat the worst of a full set?
+            hope = run_score[:, :1] / float((step + 1) ** length_penalty)
+            worst = torch.where(hyp_real, hyp_score.min(dim=1, keepdim=True).values, NEG)
+            undecided = undecided & (hope > worst).any(dim=1)
+            if step + 1 >= limit or not bool(undecided.any()):
+                break
+            if seen is not None:
+                seen = seen[beam]
+                seen[torch.arange(N, device=dev), nxt] = True
+            if cache is not None:
+                cache.reorder(beam)
+            x = self.embed_codes(nxt[:, None, None]) + self.mel_pos_embedding(1, dev, offset=step + 1)
+            if not use_cache:
+                seq = torch.cat([seq[beam], x], dim=1)
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(N, 1)], dim=1)
+        lengths = hyp_len[:, 0]
+        return hyp_codes[:, :1, : int(lengths.max())], lengths
+
+    @staticmethod
+    def _draw_candidates(scores: torch.Tensor, n: int, generator: torch.Generator | Sequence[torch.Generator] | None,
+                         undecided: torch.Tensor) -> torch.Tensor:
+        """Beam sampling's candidates: ``n`` indices per row of ``scores [B, C]`` drawn without
+        replacement with probabilities ``softmax(scores)`` (HF's ``torch.multinomial``). With one
+        generator per row, a row's draws use its own and decided rows (whose hypotheses are final)
+        draw nothing; with one generator the whole batch draws at once, as HF does."""
+        if isinstance(generator, (list, tuple)):
+            idx = scores.topk(n, dim=1).indices
+            for b, g in enumerate(generator):
+                if bool(undecided[b]):
+                    idx[b] = torch.multinomial(torch.softmax(scores[b], dim=-1), n, generator=g)
+            return idx
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.where(undecided[:, None], probs, torch.ones_like(probs))  # a decided row may hold no finite score
+        return torch.multinomial(probs, n, generator=generator)
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -545,20 +720,23 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalised, logits)
 
 
-def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                min_keep: int = 1) -> torch.Tensor:
     """HF's sampling warpers in HF's order on ``logits [..., V]``: temperature, top-k, top-p
-    (removed ids get ``-inf``). ``temperature`` must be positive."""
+    (removed ids get ``-inf``). ``temperature`` must be positive. ``min_keep`` is HF's
+    ``min_tokens_to_keep`` (1; 2 in beam sampling)."""
     V = logits.shape[-1]
     logits = logits / temperature
+    top_k = max(top_k, min_keep) if top_k > 0 else 0
     if 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         # TopPLogitsWarper: drop the least likely ids whose summed probability stays within
-        # 1 - top_p; the most likely id always stays.
+        # 1 - top_p; the min_keep most likely ids always stay.
         ordered, order = torch.sort(logits, dim=-1)
         drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1] = False
+        drop[..., -min_keep:] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
