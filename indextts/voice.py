@@ -147,7 +147,7 @@ class SemanticVoice:
     @torch.no_grad()
     def prompt(self, path: str | Path, seconds: float) -> Prompt:
         """Everything the speaker prompt gives (cached per clip and length)."""
-        import torchaudio.functional as AF
+        import torchaudio
 
         from indextts.audio.campplus import style_vector
         from indextts.audio.s2mel import mel_spectrogram
@@ -155,7 +155,9 @@ class SemanticVoice:
         key = (str(Path(path).resolve()), float(seconds))
         if key not in self._prompts:
             a22 = torch.from_numpy(load_audio_22k(path, seconds))
-            a16 = AF.resample(a22, VOICE_SAMPLE_RATE, PROMPT_SAMPLE_RATE)
+            # transforms.Resample, as infer_v2: it builds its sinc kernel in float64 (the functional
+            # form in the input's float32 differs by ~4e-6, enough to move a near-tied code).
+            a16 = torchaudio.transforms.Resample(VOICE_SAMPLE_RATE, PROMPT_SAMPLE_RATE)(a22)
             feats = self._features(a16, path)
             codes = self.codec.quantize(feats[None].to(self.device))  # (n_q, 1, T)
             s_ref = self.codec.embed(codes)  # (1, T, dim)
