@@ -1,30 +1,28 @@
-"""Training data: code shards + SentencePiece text ids + reference-utterance conditioning features.
+"""Batches of the training data: :func:`collate` pads items of
+:class:`indextts.dataset.CodesDataset` into exactly the tensors ``UnifiedVoice.forward`` takes, and
+the samplers group utterances of similar length.
 
-One item is one utterance of the code shards (``results/codes/shard-*.parquet``): its text is
-tokenised with the vocabulary (at load time, so a vocabulary change never reruns code extraction),
-its target codes are the first ``n_codebooks`` codebooks ``[K, T]``, and its conditioning features are the log-mel of a
-*reference* utterance: another utterance of the same speaker when there is one (so the model
-learns to take timbre from the prompt, not to copy it), else the utterance itself. The reference
-is drawn from ``(seed, epoch, index)``, so a run is reproducible and resumes exactly.
+:class:`TokenBatchSampler` (training) packs batches bounded by padded tokens; :class:`BucketBatchSampler`
+(the validate gate) by count. Both compute an epoch's batches with numpy over the lengths and hold
+them as two arrays (items back to back, batch bounds), never as a Python list per item, so an
+epoch of millions of utterances costs tens of MB and a fraction of a second.
 
-:class:`BucketBatchSampler` groups utterances of similar length so padding stays small, and
-:func:`collate` pads one batch into exactly the tensors ``UnifiedVoice.forward`` takes.
+``CodesDataset`` and ``DataError`` are re-exported here for the callers that import them from this
+module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from indextts.features import FeatureConfig, load_audio, log_mel
+from indextts.dataset import CodesDataset
+from indextts.pack import DataError, release_freed_memory
 
-
-class DataError(ValueError):
-    """The training data cannot be used as configured; the message names the file or column."""
+__all__ = ["Batch", "BucketBatchSampler", "CodesDataset", "DataError", "TokenBatchSampler", "collate", "pack_by_tokens"]
 
 
 @dataclass
@@ -95,246 +93,6 @@ class Batch:
         return self.n_text_targets + self.n_code_targets
 
 
-def _split_lookup(clean_path: Path) -> dict[str, str]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(clean_path, columns=["utt_id", "split"])
-    except Exception as e:
-        raise DataError(f"{clean_path}: cannot read utt_id/split columns ({e})") from e
-    return dict(zip(table.column("utt_id").to_pylist(), table.column("split").to_pylist()))
-
-
-class CodesDataset(torch.utils.data.Dataset):
-    """Utterances of the code shards, tokenised, with reference conditioning features.
-
-    Args:
-        shards: code shard paths (``indextts.codes.shard_paths(index)``).
-        bpe_path: the SentencePiece model used to tokenise ``text``.
-        features: how the conditioning features are computed (``FeatureConfig``).
-        split: keep only this split (``"train"``/``"val"``), None for all. Taken from a ``split``
-            column of the shards if they have one, else from ``clean_path``.
-        clean_path: ``clean.parquet``, for the split of each utt_id.
-        seed: reference choice and crop seed.
-        max_text_tokens: drop utterances with more text tokens (the model's position table).
-        max_code_frames: drop utterances with more code frames.
-        max_ref_seconds: crop reference audio to at most this long (a random, seeded window).
-        n_codebooks: how many codebooks are the target, the first K of the shard's ``n_q``
-            (1: the first only, as in IndexTTS2).
-        speakers: ``{speaker: class_id}`` (speakers.json); when given, only utterances of these
-            speakers are kept and items carry ``speaker_id`` (stage 2).
-        require_emotion: keep only utterances with an emotion label.
-        emo_prompt: ``"reference"``: the emotion prompt is the speaker prompt (the model's
-            default); ``"target"``: a crop of the target utterance itself, which is the one clip
-            sure to carry the target's emotion, so ``emo_vec`` learns emotion from its prompt.
-
-    Items are addressed by an index or by ``(epoch, index)`` (what :class:`TokenBatchSampler`
-    yields): the epoch picks the reference draw, so DataLoader workers need no shared state.
-
-    Raises:
-        DataError: no shards, a split that cannot be determined, or nothing left after filtering.
-    """
-
-    def __init__(
-        self,
-        shards: Sequence[str | Path],
-        *,
-        bpe_path: str | Path,
-        features: FeatureConfig,
-        split: str | None = "train",
-        clean_path: str | Path | None = None,
-        seed: int = 0,
-        max_text_tokens: int | None = None,
-        max_code_frames: int | None = None,
-        max_ref_seconds: float = 6.0,
-        n_codebooks: int = 1,
-        speakers: Mapping[str, int] | None = None,
-        require_emotion: bool = False,
-        emo_prompt: Literal["reference", "target"] = "reference",
-    ) -> None:
-        import pandas as pd
-        import sentencepiece as spm
-
-        from indextts.codes import read_shard_codes
-
-        if not shards:
-            raise DataError("no code shards given (is results/codes/index.json empty?)")
-        self.features = features
-        self.seed = seed
-        self.epoch = 0
-        if n_codebooks < 1:
-            raise DataError(f"n_codebooks must be at least 1, got {n_codebooks}")
-        self.n_codebooks = n_codebooks
-        if emo_prompt not in ("reference", "target"):
-            raise DataError(f"emo_prompt must be 'reference' or 'target', got {emo_prompt!r}")
-        self.emo_prompt = emo_prompt
-        self.speaker_map = dict(speakers) if speakers is not None else None
-        self.max_ref_seconds = max_ref_seconds
-        self.max_ref_samples = int(max_ref_seconds * features.sample_rate)
-        self._shards = [read_shard_codes(Path(p)) for p in shards]
-        for sh in self._shards:
-            if sh.n_q < n_codebooks:
-                raise DataError(
-                    f"{sh.path}: holds {sh.n_q} codebooks (codec {sh.codec.get('weights', '?')}), but "
-                    f"{n_codebooks} were asked for; set model.n_codebooks to at most {sh.n_q} or re-extract "
-                    "the codes with more quantizers (codec.n_quantizers)"
-                )
-        metas = []
-        for s, sh in enumerate(self._shards):
-            m = sh.meta.copy()
-            m["_shard"] = s
-            m["_row"] = np.arange(len(m))
-            metas.append(m)
-        meta = pd.concat(metas, ignore_index=True)
-        self.n_input = len(meta)
-        self.dropped: dict[str, int] = {}
-
-        if split is not None:
-            if "split" in meta.columns:
-                splits = meta["split"]
-            elif clean_path is not None:
-                lookup = _split_lookup(Path(clean_path))
-                splits = meta["utt_id"].map(lookup)
-                if splits.isna().any():
-                    missing = meta.loc[splits.isna(), "utt_id"].iloc[0]
-                    raise DataError(
-                        f"{clean_path}: utt_id {missing!r} of the code shards is not in the clean manifest; "
-                        "the codes are stale: rerun extract_codes"
-                    )
-            else:
-                raise DataError(f"split={split!r} asked for, but the shards have no split column and no clean manifest was given")
-            keep = (splits == split).to_numpy()
-            self.dropped["other_split"] = int((~keep).sum())
-            meta = meta[keep].reset_index(drop=True)
-
-        if self.speaker_map is not None:
-            keep = meta["speaker"].astype(str).isin(list(self.speaker_map)).to_numpy()
-            self.dropped["unmapped_speaker"] = int((~keep).sum())
-            meta = meta[keep].reset_index(drop=True)
-        if require_emotion:
-            keep = (meta["emotion"].notna() & (meta["emotion"].astype(str) != "")).to_numpy() \
-                if "emotion" in meta.columns else np.zeros(len(meta), dtype=bool)
-            self.dropped["no_emotion"] = int((~keep).sum())
-            meta = meta[keep].reset_index(drop=True)
-
-        sp = spm.SentencePieceProcessor()
-        sp.Load(str(bpe_path))
-        ids = sp.encode(meta["text"].astype(str).tolist(), out_type=int)
-        n_text = np.array([len(x) for x in ids], dtype=np.int64)
-        n_frames = meta["n_frames"].to_numpy(dtype=np.int64)
-        keep = (n_text > 0) & (n_frames > 0)
-        self.dropped["empty"] = int((~keep).sum())
-        if max_text_tokens is not None:
-            too_long = n_text > max_text_tokens
-            self.dropped["text_too_long"] = int((too_long & keep).sum())
-            keep &= ~too_long
-        if max_code_frames is not None:
-            too_long = n_frames > max_code_frames
-            self.dropped["codes_too_long"] = int((too_long & keep).sum())
-            keep &= ~too_long
-        if not keep.any():
-            raise DataError(
-                f"no utterance left of {self.n_input} (dropped: {self.dropped}); check split, "
-                "max lengths and the shards"
-            )
-        idx = np.flatnonzero(keep)
-        self.meta = meta.iloc[idx].reset_index(drop=True)
-        # Flat token store: one int32 array + offsets instead of millions of Python lists.
-        kept_ids = [ids[i] for i in idx]
-        self._tok_off = np.zeros(len(kept_ids) + 1, dtype=np.int64)
-        self._tok_off[1:] = np.cumsum([len(x) for x in kept_ids])
-        self._tok = np.fromiter((t for x in kept_ids for t in x), dtype=np.int32, count=int(self._tok_off[-1]))
-        self.unk_tokens = int((self._tok == sp.unk_id()).sum())
-        self.lengths = self.meta["n_frames"].to_numpy(dtype=np.int64)
-        self.text_lengths = np.diff(self._tok_off)
-        # speaker -> positions, for reference choice
-        self._by_speaker = {spk: np.asarray(g, dtype=np.int64) for spk, g in self.meta.groupby("speaker", sort=False).indices.items()}
-        # w2v-BERT prompts are read from the store extraction wrote; a missing, mismatched or too
-        # short store fails here, not in a loader worker.
-        self._prompts = self._open_prompt_store() if features.kind == "w2v_bert" else None
-
-    def __len__(self) -> int:
-        return len(self.meta)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw other references (and crops) in the next epoch; same epoch, same draws."""
-        self.epoch = int(epoch)
-
-    def text_ids(self, i: int) -> np.ndarray:
-        return self._tok[self._tok_off[i] : self._tok_off[i + 1]]
-
-    def reference_index(self, i: int, epoch: int | None = None) -> int:
-        """Another utterance of the same speaker, drawn from (seed, epoch, i); ``i`` if none."""
-        epoch = self.epoch if epoch is None else epoch
-        group = self._by_speaker[self.meta.at[i, "speaker"]]
-        if len(group) < 2:
-            return i
-        rng = np.random.default_rng((self.seed, epoch, i))
-        j = int(group[rng.integers(len(group) - 1)])
-        # skip i itself: draw among the others
-        return j if j != i else int(group[-1])
-
-    def _crop_features(self, j: int, epoch: int, salt: tuple[int, ...]) -> torch.Tensor:
-        """Features ``[frames, F]`` of utterance ``j``, cropped to ``max_ref_seconds`` at a window
-        drawn from (seed, epoch, *salt)."""
-        if self.features.kind == "w2v_bert":
-            # Not computed here: extract_codes stored them (features.store), the w2v-BERT pass of the
-            # semantic codes themselves; read back from codes/features/ beside the shards.
-            from indextts.audio.w2v_bert import W2V_BERT_HOP
-
-            rng = np.random.default_rng((self.seed, epoch, *salt))
-            return self._prompts.crop(str(self.meta.at[j, "utt_id"]), self.max_ref_samples // W2V_BERT_HOP, rng)
-        wave = load_audio(self.meta.at[j, "audio_path"], self.features.sample_rate)
-        if wave.shape[0] > self.max_ref_samples:
-            rng = np.random.default_rng((self.seed, epoch, *salt))
-            start = int(rng.integers(wave.shape[0] - self.max_ref_samples + 1))
-            wave = wave[start : start + self.max_ref_samples]
-        return log_mel(wave, self.features)
-
-    def _open_prompt_store(self):
-        """The w2v-BERT prompt features extraction stored beside the shards, checked against what
-        this dataset reads: the feature width and the crop length."""
-        from indextts.features import PromptFeatureStore
-
-        try:
-            store = PromptFeatureStore.beside([sh.path for sh in self._shards])
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(str(e)) from None
-        if store.dim != self.features.dim:
-            raise DataError(f"{store.paths[0]}: stored features are {store.dim}-dim, the model "
-                            f"reads {self.features.dim} (model features.w2v_bert_dim); re-extract or fix the model")
-        if store.max_ref_seconds is not None and self.max_ref_seconds > store.max_ref_seconds + 1e-9:
-            raise DataError(
-                f"{store.paths[0]}: prompt crops of {self.max_ref_seconds:g} s are asked for (train.max_ref_seconds, or "
-                f"validate.max_ref_seconds when validating), but the stored features hold at most "
-                f"{store.max_ref_seconds:g} s per utterance (features.max_ref_seconds at extraction): raise "
-                "features.max_ref_seconds and re-extract the codes, or lower the crop"
-            )
-        return store
-
-    def reference_features(self, i: int, epoch: int | None = None) -> torch.Tensor:
-        """Log-mel ``[frames, F]`` of the reference utterance of item ``i``."""
-        epoch = self.epoch if epoch is None else epoch
-        return self._crop_features(self.reference_index(i, epoch), epoch, (i, 1))
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, i = (self.epoch, key) if isinstance(key, (int, np.integer)) else key
-        i = int(i)
-        row = self.meta.iloc[i]
-        codes = self._shards[int(row["_shard"])].codes(int(row["_row"]))
-        item = {
-            "utt_id": str(row["utt_id"]),
-            "speaker": str(row["speaker"]),
-            "text_ids": torch.from_numpy(self.text_ids(i).astype(np.int64)),
-            "codes": torch.from_numpy(codes[: self.n_codebooks].astype(np.int64)),  # (K, T)
-            "cond_feats": self.reference_features(i, epoch),
-        }
-        if self.emo_prompt == "target":
-            item["emo_feats"] = self._crop_features(i, epoch, (i, 2))
-        if self.speaker_map is not None:
-            item["speaker_id"] = int(self.speaker_map[str(row["speaker"])])
-        return item
-
 
 def _pad(seqs: Sequence[torch.Tensor], value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.long)
@@ -372,6 +130,54 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
     )
 
 
+
+
+class Plan:
+    """One epoch's batches as two arrays: ``items`` (item positions, batch after batch) and
+    ``bounds`` (batch k is ``items[bounds[k]:bounds[k + 1]]``)."""
+
+    def __init__(self, items: np.ndarray, bounds: np.ndarray) -> None:
+        self.items, self.bounds = items, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def batch(self, k: int) -> np.ndarray:
+        return self.items[self.bounds[k] : self.bounds[k + 1]]
+
+    def take(self, ids: np.ndarray) -> "Plan":
+        """The batches ``ids``, in that order."""
+        sizes = np.diff(self.bounds)[ids]
+        bounds = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        src = np.repeat(self.bounds[:-1][ids] - bounds[:-1], sizes) + np.arange(bounds[-1])
+        return Plan(self.items[src], bounds)
+
+    def of_rank(self, rank: int, world_size: int) -> "Plan":
+        """Rank ``rank``'s batches ``rank, rank + world_size, ...``, trimmed so every rank has as
+        many."""
+        if world_size == 1:
+            return self
+        per_rank = len(self) // world_size
+        return self.take(np.arange(rank, per_rank * world_size, world_size))
+
+    def lists(self, index: np.ndarray | None = None) -> list[list[int]]:
+        """The batches as Python lists (of ``index[item]`` when given): for small data and tests."""
+        items = self.items if index is None else index[self.items]
+        return [items[a:b].tolist() for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+
+def _item_dtype(n: int):
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _sort_in_buckets(order: np.ndarray, key: np.ndarray, bucket: int) -> np.ndarray:
+    """``order`` cut into buckets of ``bucket`` items, each sorted by ``key`` (of the items),
+    stably: one lexsort for every bucket."""
+    ids = np.arange(len(order)) // bucket
+    return order[np.lexsort((key[order], ids))]
+
+
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar length: shuffle, cut into buckets of ``bucket_batches`` batches, sort
     each bucket by length, cut into batches, shuffle the batch order.
@@ -403,7 +209,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -415,41 +221,58 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def batches(self) -> list[list[int]]:
+    def plan(self) -> Plan:
+        """This rank's batches of the current epoch."""
         n = len(self.lengths)
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        out: list[list[int]] = []
-        size = self.batch_size * self.bucket_batches
-        for start in range(0, n, size):
-            bucket = order[start : start + size]
-            bucket = bucket[np.argsort(self.lengths[bucket], kind="stable")]
-            for b in range(0, len(bucket), self.batch_size):
-                batch = bucket[b : b + self.batch_size].tolist()
-                if len(batch) < self.batch_size and self.drop_last:
-                    continue
-                out.append(batch)
+        order = _sort_in_buckets(order, self.lengths, self.batch_size * self.bucket_batches).astype(_item_dtype(n))
+        # A bucket holds whole batches, so batches start every batch_size items; only the last
+        # one can be short.
+        bounds = np.append(np.arange(0, n, self.batch_size), n).astype(np.int64)
+        if self.drop_last and n % self.batch_size:
+            bounds = bounds[:-1]
+        plan = Plan(order, bounds)
         if self.shuffle:
-            out = [out[k] for k in rng.permutation(len(out))]
-        if self.world_size > 1:
-            per_rank = len(out) // self.world_size
-            out = out[self.rank : per_rank * self.world_size : self.world_size]
-        return out
+            plan = plan.take(rng.permutation(len(plan)))
+        return plan.of_rank(self.rank, self.world_size)
+
+    def batches(self) -> list[list[int]]:
+        return self.plan().lists()
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        plan = self.plan()
+        for k in range(len(plan)):
+            yield plan.batch(k).tolist()
 
     def __len__(self) -> int:
-        return len(self.batches())
+        return len(self.plan())
 
 
 def pack_by_tokens(lengths: np.ndarray, order: np.ndarray, max_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Greedy packing of ``order`` (sorted longest first) into batches whose padded size
     ``len(batch) * longest`` stays within ``max_tokens`` (and ``max_batch_size`` items): the
     extraction's batch planner, over tokens instead of seconds."""
-    from indextts.codes import plan_batches
+    bounds = _token_bounds(np.asarray(lengths)[order], len(order), max_tokens, max_batch_size)
+    return Plan(np.asarray(order), bounds).lists()
 
-    return [[int(order[k]) for k in b] for b in plan_batches(lengths[order].tolist(), max_tokens, max_batch_size)]
+
+def _token_bounds(sorted_lengths: np.ndarray, bucket: int, max_tokens: int, max_batch_size: int) -> np.ndarray:
+    """Batch bounds of lengths sorted longest first within buckets of ``bucket`` items: each
+    batch starts at its longest item ``L`` and takes ``min(max_batch_size, max_tokens // L)``
+    items (at least one), never past its bucket. The same batches as growing a batch while
+    ``longest x count <= max_tokens`` (``indextts.codes.plan_batches``), one step per batch."""
+    n = len(sorted_lengths)
+    longest = sorted_lengths.astype(np.int64)
+    fits = np.where(longest > 0, max_tokens // np.maximum(longest, 1), max_batch_size)
+    take = np.minimum(max_batch_size, np.maximum(1, fits))
+    starts = []
+    p = 0
+    while p < n:
+        starts.append(p)
+        p = min(p + int(take[p]), (p // bucket + 1) * bucket, n)
+    starts.append(n)
+    return np.asarray(starts, dtype=np.int64)
 
 
 class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
@@ -460,6 +283,7 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     each bucket longest first and pack it greedily so that ``batch size x longest item`` stays
     within ``max_tokens``; shuffle the batch order. With ``world_size > 1`` rank ``r`` takes
     batches ``r, r + world_size, ...`` of the same order, trimmed so every rank has as many.
+    An epoch's batches are computed with numpy (:class:`Plan`; this rank's are cached for one epoch).
 
     It yields lists of ``(epoch, index)`` keys (see :class:`CodesDataset`), so workers draw the
     epoch's references without shared state, and it can start an epoch part-way
@@ -492,9 +316,12 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         indices: Sequence[int] | np.ndarray | None = None,
     ) -> None:
+        lengths = np.asarray(lengths)
+        if not np.issubdtype(lengths.dtype, np.integer):
+            lengths = lengths.astype(np.int64)
         # indices: the dataset items to use (a subset); batches name dataset indices either way.
-        self.indices = np.arange(len(lengths)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)[self.indices]
+        self._index = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.lengths = lengths if self._index is None else lengths[self._index]
         if max_tokens < 1 or max_batch_size < 1 or bucket_size < 1:
             raise ValueError("max_tokens, max_batch_size and bucket_size must be at least 1")
         if len(self.lengths) and int(self.lengths.max()) > max_tokens:
@@ -508,47 +335,68 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         self.seed, self.shuffle, self.bucket_size = seed, shuffle, int(bucket_size)
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+        self._cached: tuple[int, Plan] | None = None  # this rank's plan of one epoch
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.arange(len(self.lengths)) if self._index is None else self._index
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch ``epoch`` from its batch ``start`` (0 = the whole epoch)."""
         self.epoch, self.start = int(epoch), int(start)
 
-    def all_batches(self, epoch: int) -> list[list[int]]:
-        """Every rank's batches of ``epoch``, in order (item indices)."""
+    def _all(self, epoch: int) -> Plan:
+        """Every rank's batches of ``epoch``, positions into ``self.lengths``."""
         n = len(self.lengths)
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        out: list[list[int]] = []
-        for b in range(0, n, self.bucket_size):
-            bucket = order[b : b + self.bucket_size]
-            bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
-            out += pack_by_tokens(self.lengths, bucket, self.max_tokens, self.max_batch_size)
+        order = _sort_in_buckets(order, -self.lengths.astype(np.int64), self.bucket_size).astype(_item_dtype(n))
+        plan = Plan(order, _token_bounds(self.lengths[order], self.bucket_size, self.max_tokens, self.max_batch_size))
         if self.shuffle:
-            out = [out[k] for k in rng.permutation(len(out))]
-        return [self.indices[b].tolist() for b in out]
+            plan = plan.take(rng.permutation(len(plan)))
+        return plan
+
+    def _mine(self, epoch: int) -> Plan:
+        """This rank's batches of ``epoch`` (cached for one epoch), positions into ``self.lengths``."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = None
+            self._cached = (epoch, self._all(epoch).of_rank(self.rank, self.world_size))
+            release_freed_memory()
+        return self._cached[1]
+
+    def plan(self, epoch: int | None = None) -> Plan:
+        """This rank's batches of ``epoch`` (default: the current one), as dataset indices."""
+        mine = self._mine(self.epoch if epoch is None else epoch)
+        return mine if self._index is None else Plan(self._index[mine.items], mine.bounds)
+
+    def all_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch``, in order (item indices), as lists: small data only."""
+        return self._all(epoch).lists(self._index)
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
-        """This rank's batches of ``epoch`` (default: the current one), from the start."""
-        out = self.all_batches(self.epoch if epoch is None else epoch)
-        if self.world_size > 1:
-            per_rank = len(out) // self.world_size
-            out = out[self.rank : per_rank * self.world_size : self.world_size]
-        return out
+        """This rank's batches of ``epoch`` (default: the current one), from the start, as lists:
+        small data only (:meth:`plan` holds them as arrays)."""
+        return self._mine(self.epoch if epoch is None else epoch).lists(self._index)
+
+    def n_batches(self, epoch: int | None = None) -> int:
+        """This rank's batches in ``epoch`` (default: the current one)."""
+        return len(self._mine(self.epoch if epoch is None else epoch))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches()[self.start :]:
-            yield [(self.epoch, i) for i in batch]
+        plan, epoch = self.plan(), self.epoch
+        for k in range(self.start, len(plan)):
+            yield [(epoch, i) for i in plan.batch(k).tolist()]
 
     def __len__(self) -> int:
         """Batches left in the current epoch from ``start``."""
-        return max(0, len(self.batches()) - self.start)
+        return max(0, self.n_batches() - self.start)
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Real over padded tokens of one epoch's batches (1.0 = no padding)."""
-        real = padded = 0
-        pos = {int(i): k for k, i in enumerate(self.indices)}
-        for b in self.all_batches(epoch):
-            ln = self.lengths[[pos[i] for i in b]]
-            real += int(ln.sum())
-            padded += int(ln.max()) * len(b)
+        plan = self._all(epoch)
+        if not len(plan):
+            return 0.0
+        ln = self.lengths[plan.items].astype(np.int64)
+        real = int(ln.sum())
+        padded = int((np.maximum.reduceat(ln, plan.bounds[:-1]) * np.diff(plan.bounds)).sum())
         return real / max(padded, 1)

@@ -589,6 +589,9 @@ class StageInputs:
     speakers: Path | None = None  # stage 2: speakers.json
     pretrained_gpt: Path | None = None  # stage 1: the official gpt.pth
     pretrained_bpe: Path | None = None  # stage 1: the official bpe.model
+    # The training data cache (pack_codes, tokenize_text); None: made beside codes_index.
+    pack: Path | None = None
+    tokens: Path | None = None
 
 
 def _codes_codec(index: Path) -> dict[str, Any]:
@@ -694,18 +697,22 @@ def _build_model(stage: int, config: Mapping[str, Any], inputs: StageInputs, pre
 
 
 def _datasets(stage: int, tcfg: TrainConfig, cfg, inputs: StageInputs, speakers: Mapping[str, int] | None, log):
-    from indextts.codes import shard_paths
-    from indextts.data import CodesDataset, DataError
+    from indextts.dataset import CodesDataset
+    from indextts.pack import CodesPack, DataError, TokenPack, data_cache
 
-    common = dict(bpe_path=inputs.bpe, features=cfg.features, clean_path=inputs.clean, seed=tcfg.seed,
+    pack, tokens = data_cache(inputs.codes_index, inputs.clean, inputs.bpe, pack=inputs.pack, tokens=inputs.tokens)
+    common = dict(pack=pack, tokens=tokens, bpe_path=inputs.bpe, features=cfg.features, seed=tcfg.seed,
                   max_text_tokens=cfg.max_text_tokens, max_code_frames=cfg.max_code_frames,
                   max_ref_seconds=tcfg.max_ref_seconds, n_codebooks=cfg.n_codebooks,
                   speakers=speakers, require_emotion=stage == 2 and tcfg.stage2.require_emotion,
                   emo_prompt=tcfg.emo_prompt)
-    shards = shard_paths(inputs.codes_index)
-    train = CodesDataset(shards, split="train", **common)
+    pack, tokens = CodesPack(pack), TokenPack(tokens)
+    common.update(pack=pack, tokens=tokens)
+    log(f"data: {pack.rows} utterances in {pack.folder} ({pack.meta['codes_bytes'] / 1e9:.2f} GB of codes), "
+        f"text ids in {tokens.folder}")
+    train = CodesDataset(split="train", **common)
     try:
-        val = CodesDataset(shards, split="val", **common)
+        val = CodesDataset(split="val", **common)
     except DataError as e:
         log(f"no val data ({e}); val losses are not computed")
         val = None
@@ -824,7 +831,7 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     train_ds, val_ds = _datasets(stage, tcfg, cfg, inputs, speakers, log)
     classifier = None
     if stage == 2:
-        present = sorted(set(train_ds.meta["speaker"].astype(str)))
+        present = train_ds.speakers_present()
         if len(present) < 2:
             raise PreflightError(f"{inputs.speakers}: only {present} of the mapped speakers have train utterances; "
                                  "the stage-2 classifier needs at least 2")
@@ -854,7 +861,7 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     sampler = TokenBatchSampler(lengths, tcfg.max_tokens, max_batch_size=tcfg.max_batch_size, seed=tcfg.seed,
                                 bucket_size=tcfg.bucket_size, rank=dist.rank, world_size=dist.world_size,
                                 indices=train_idx)
-    per_epoch = len(sampler.batches(0))
+    per_epoch = sampler.n_batches(0)
     if per_epoch == 0:
         raise PreflightError(f"train: {len(train_idx)} utterances make fewer batches than {dist.world_size} GPUs")
     total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch / tcfg.grad_accum))
@@ -867,13 +874,13 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
                                         max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
                                         world_size=dist.world_size, indices=val_idx)
-        vb = val_sampler.batches(0)
+        vb = val_sampler.plan(0)
         if tcfg.val_max_batches and len(vb) > tcfg.val_max_batches:
-            keep = sorted({i for b in vb[: tcfg.val_max_batches] for i in b})
+            keep = np.unique(vb.items[: vb.bounds[tcfg.val_max_batches]])
             val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
                                             max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
                                             world_size=dist.world_size, indices=keep)
-        if len(val_sampler.batches(0)) == 0:
+        if val_sampler.n_batches(0) == 0:
             val_sampler = None
         else:
             val_loader = make_loader(val_ds, val_sampler, num_workers=tcfg.num_workers, pin=device.type == "cuda",
@@ -1158,6 +1165,8 @@ def cli_train(argv: list[str]) -> int:
     p.add_argument("--pretrained-gpt", help="official gpt.pth for stage 1 (default: pretrained.gpt)")
     p.add_argument("--pretrained-bpe", help="official bpe.model for stage 1 (default: pretrained.bpe)")
     p.add_argument("--out-dir", required=True, help="checkpoint folder to write, e.g. results/train/stage1")
+    p.add_argument("--pack", help="the codes pack folder, results/codes/pack (default: made beside --codes-index)")
+    p.add_argument("--tokens", help="its tokens folder for --bpe, results/tokens (default: made beside the pack)")
     a = p.parse_args(argv)
     config = load_config_arg(a.config)
     if a.runtime:
@@ -1170,6 +1179,7 @@ def cli_train(argv: list[str]) -> int:
         parent=Path(a.parent) if a.parent else None, speakers=Path(a.speakers) if a.speakers else None,
         pretrained_gpt=Path(gpt) if gpt and a.stage == 1 else None,
         pretrained_bpe=Path(old_bpe) if old_bpe and a.stage == 1 else None,
+        pack=Path(a.pack) if a.pack else None, tokens=Path(a.tokens) if a.tokens else None,
     )
     try:
         train_stage(config, a.stage, inputs)

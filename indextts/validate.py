@@ -252,14 +252,17 @@ def _device(name: str):
 
 def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: ValidateConfig, *, bpe_path: Path,
                 codes_index: Path, clean_path: Path, n_codes: int, pretrained_gpt: Path | None,
-                pretrained_bpe: Path | None) -> dict[str, Any]:
+                pretrained_bpe: Path | None, pack: str | Path | None = None,
+                tokens: str | Path | None = None) -> dict[str, Any]:
     """One real batch through forward and backward; finite loss and gradients."""
     import sentencepiece as spm
     import torch
 
     from indextts.codes import codes_n_q, shard_paths
     from indextts.config import ConfigError
-    from indextts.data import BucketBatchSampler, CodesDataset, collate
+    from indextts.data import BucketBatchSampler, collate
+    from indextts.dataset import CodesDataset
+    from indextts.pack import data_cache
     from indextts.model import build_model
     from indextts.model.config import ModelSection, mel_vocab_size
 
@@ -296,12 +299,13 @@ def check_batch(state: dict[str, Any], config: Mapping[str, Any], vcfg: Validate
         if rep.vocab is not None:
             numbers["pretrained"]["vocab_coverage"] = round(rep.vocab.coverage, 6)
         print(rep.summary())
-    ds = CodesDataset(shard_paths(codes_index), bpe_path=bpe_path, features=cfg.features, split=vcfg.split,
-                      clean_path=clean_path, seed=vcfg.seed, max_text_tokens=cfg.max_text_tokens,
+    pack, tokens = data_cache(codes_index, clean_path, bpe_path, pack=pack, tokens=tokens)
+    ds = CodesDataset(pack=pack, tokens=tokens, bpe_path=bpe_path, features=cfg.features, split=vcfg.split,
+                      seed=vcfg.seed, max_text_tokens=cfg.max_text_tokens,
                       max_code_frames=cfg.max_code_frames, max_ref_seconds=vcfg.max_ref_seconds,
                       n_codebooks=cfg.n_codebooks)
     numbers["dataset"] = {"utterances": len(ds), "dropped": ds.dropped}
-    first = BucketBatchSampler(ds.lengths, vcfg.batch_size, seed=vcfg.seed).batches()[0]
+    first = next(iter(BucketBatchSampler(ds.lengths, vcfg.batch_size, seed=vcfg.seed)))
     batch = collate([ds[i] for i in first])
     device = _device(vcfg.device)
     model.to(device).train()
@@ -373,6 +377,8 @@ def validate_pipeline(
     out_path: str | Path,
     pretrained_gpt: str | Path | None = None,
     pretrained_bpe: str | Path | None = None,
+    pack: str | Path | None = None,
+    tokens: str | Path | None = None,
 ) -> Path:
     """Run the checks in order and write the report.
 
@@ -382,6 +388,8 @@ def validate_pipeline(
         clean_path, bpe_path, codes_index: the stage inputs.
         out_path: ``report.json`` to write (written whether the checks pass or not).
         pretrained_gpt, pretrained_bpe: override ``pretrained.gpt`` / ``pretrained.bpe``.
+        pack, tokens: the training data cache the batch is read from (``pack_codes``,
+            ``tokenize_text``); None: made beside ``codes_index``.
 
     Returns:
         ``out_path``.
@@ -437,7 +445,7 @@ def validate_pipeline(
     run("codes", ("manifest",), codes)
     run("batch", ("vocab", "codes"), lambda: check_batch(
         state, config, vcfg, bpe_path=bpe_path, codes_index=codes_index, clean_path=clean_path,
-        n_codes=state["n_codes"], pretrained_gpt=gpt, pretrained_bpe=old_bpe))
+        n_codes=state["n_codes"], pretrained_gpt=gpt, pretrained_bpe=old_bpe, pack=pack, tokens=tokens))
     run("checkpoint", ("batch",), lambda: check_checkpoint(state, config, bpe_path=bpe_path, work_dir=out_path.parent))
 
     failed = [c for c in checks if c.status != "pass"]
@@ -466,11 +474,14 @@ def cli_validate(argv: list[str]) -> int:
     p.add_argument("--pretrained-gpt", help="official gpt.pth (default: pretrained.gpt)")
     p.add_argument("--pretrained-bpe", help="official bpe.model (default: pretrained.bpe)")
     p.add_argument("--out", required=True, help="report.json to write")
+    p.add_argument("--pack", help="the codes pack folder, results/codes/pack (default: made beside --codes-index)")
+    p.add_argument("--tokens", help="its tokens folder for --bpe, results/tokens (default: made beside the pack)")
     a = p.parse_args(argv)
     config = load_config_arg(a.config)
     try:
         out = validate_pipeline(config, clean_path=a.clean, bpe_path=a.bpe, codes_index=a.codes_index,
-                                out_path=a.out, pretrained_gpt=a.pretrained_gpt, pretrained_bpe=a.pretrained_bpe)
+                                out_path=a.out, pretrained_gpt=a.pretrained_gpt, pretrained_bpe=a.pretrained_bpe,
+                                pack=a.pack, tokens=a.tokens)
     except ValidationFailed as e:
         print(f"indextts validate: {e}", file=sys.stderr)
         return 1

@@ -115,4 +115,27 @@ rule index_codes:
         " --rejects {input.rejects:q}{params.features} --output {output.index:q} > {log} 2>&1"
 
 
+# The training data cache (indextts.pack): the shards' codes, lengths, speakers and splits as
+# numpy files every training process reads through the shared page cache. It reads the shards and
+# the manifest's splits, not index.json, so index_codes' own check (frame_tolerance) repacks nothing.
+rule pack_codes:
+    input:
+        clean=f"{RESULTS}/clean/clean.parquet",
+        shards=expand(f"{CODES}/{{name}}", name=SHARD_FILES),
+    output:
+        pack=directory(f"{CODES}/pack"),
+    log:
+        f"{LOGS}/codes/pack_codes.log",
+    conda:
+        "../envs/indextts.yaml"
+    resources:
+        # one shard in memory at a time
+        mem_mb=8000,
+    params:
+        code=code_id("pack", "codes", *CORE),
+    shell:
+        "indextts pack-codes --shards {input.shards:q} --clean {input.clean:q}"
+        " --output {output.pack:q} > {log} 2>&1"
+
+
 _EXTRA_TARGETS.append(f"{CODES}/index.json")

@@ -7,6 +7,8 @@ rule validate_pipeline:
         clean=f"{RESULTS}/clean/clean.parquet",
         bpe=f"{RESULTS}/vocab/bpe.model",
         codes=f"{RESULTS}/codes/index.json",
+        pack=f"{RESULTS}/codes/pack",
+        tokens=f"{RESULTS}/tokens",
     output:
         report=f"{RESULTS}/validate/report.json",
     log:
@@ -21,11 +23,21 @@ rule validate_pipeline:
     params:
         cfg=stage_config("text", "vocab", "codec", "codes", "model", "pretrained", "validate"),
         code=code_id(
-            "validate", "pretrained", "data", "checkpoint", "features", "model/", "codes", *CORE
+            "validate",
+            "pretrained",
+            "data",
+            "dataset",
+            "pack",
+            "checkpoint",
+            "features",
+            "model/",
+            "codes",
+            *CORE,
         ),
     shell:
         "indextts validate --config {params.cfg:q} --clean {input.clean:q} --bpe {input.bpe:q}"
-        " --codes-index {input.codes:q} --out {output.report:q} > {log:q} 2>&1"
+        " --codes-index {input.codes:q} --pack {input.pack:q} --tokens {input.tokens:q}"
+        " --out {output.report:q} > {log:q} 2>&1"
 
 
 _EXTRA_TARGETS.append(f"{RESULTS}/validate/report.json")

@@ -4,8 +4,36 @@
 # identity of what training runs; worker counts, log interval and progress stay out (RUNTIME).
 
 TRAIN_CODE = code_id(
-    "train", "data", "checkpoint", "features", "model/", "codes", "pretrained", *CORE
+    "train",
+    "data",
+    "dataset",
+    "pack",
+    "checkpoint",
+    "features",
+    "model/",
+    "codes",
+    "pretrained",
+    *CORE,
 )
+
+
+# The codes pack's text as ids of this vocabulary (indextts.pack): a new vocabulary re-tokenises
+# here and leaves the codes pack alone.
+rule tokenize_text:
+    input:
+        pack=f"{RESULTS}/codes/pack",
+        bpe=f"{RESULTS}/vocab/bpe.model",
+    output:
+        tokens=directory(f"{RESULTS}/tokens"),
+    log:
+        f"{LOGS}/train/tokenize_text.log",
+    conda:
+        "../envs/indextts.yaml"
+    params:
+        code=code_id("pack", *CORE),
+    shell:
+        "indextts tokenize-text --pack {input.pack:q} --bpe {input.bpe:q}"
+        " --output {output.tokens:q} > {log} 2>&1"
 
 
 rule train_stage1:
@@ -14,6 +42,8 @@ rule train_stage1:
         codes=f"{RESULTS}/codes/index.json",
         clean=f"{RESULTS}/clean/clean.parquet",
         bpe=f"{RESULTS}/vocab/bpe.model",
+        pack=rules.tokenize_text.input.pack,
+        tokens=rules.tokenize_text.output.tokens,
         gate=f"{RESULTS}/validate/report.json",
     output:
         **stage_outputs(1),
@@ -34,6 +64,7 @@ rule train_stage1:
     shell:
         "{params.launch} train --stage 1 --config {params.cfg:q} --runtime {params.runtime:q}"
         " --codes-index {input.codes:q} --clean {input.clean:q} --bpe {input.bpe:q}"
+        " --pack {input.pack:q} --tokens {input.tokens:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -42,6 +73,8 @@ rule train_stage2:
         codes=f"{RESULTS}/codes/index.json",
         clean=f"{RESULTS}/clean/clean.parquet",
         bpe=f"{RESULTS}/vocab/bpe.model",
+        pack=rules.tokenize_text.input.pack,
+        tokens=rules.tokenize_text.output.tokens,
         speakers=f"{RESULTS}/speakers/speakers.json",
         parent=rules.train_stage1.output.meta,
     output:
@@ -65,6 +98,7 @@ rule train_stage2:
     shell:
         "{params.launch} train --stage 2 --config {params.cfg:q} --runtime {params.runtime:q}"
         " --codes-index {input.codes:q} --clean {input.clean:q} --bpe {input.bpe:q}"
+        " --pack {input.pack:q} --tokens {input.tokens:q}"
         " --speakers {input.speakers:q} --parent {params.parent:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
@@ -74,6 +108,8 @@ rule train_stage3:
         codes=f"{RESULTS}/codes/index.json",
         clean=f"{RESULTS}/clean/clean.parquet",
         bpe=f"{RESULTS}/vocab/bpe.model",
+        pack=rules.tokenize_text.input.pack,
+        tokens=rules.tokenize_text.output.tokens,
         parent=rules.train_stage2.output.meta,
     output:
         **stage_outputs(3),
@@ -95,6 +131,7 @@ rule train_stage3:
     shell:
         "{params.launch} train --stage 3 --config {params.cfg:q} --runtime {params.runtime:q}"
         " --codes-index {input.codes:q} --clean {input.clean:q} --bpe {input.bpe:q}"
+        " --pack {input.pack:q} --tokens {input.tokens:q}"
         " --parent {params.parent:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 

@@ -288,8 +288,7 @@ def test_index_fails_when_shards_miss_manifest_rows(tmp_path, weights):
 _KILLABLE = textwrap.dedent(
     """
     import sys, time
-    from indextts.codes import CodecConfig
-    from indextts.codes import CodesConfig, extract_codes
+    from indextts.codes import CodecConfig, CodesConfig, extract_codes
 
     def after_batch(k):
         print("BATCH", k, flush=True)

@@ -46,13 +46,15 @@ def after_training(*stages: int) -> dict[str, int]:
 
 
 ALL_STAGES = after_training(1, 2, 3)
-EXTRACTION = {"extract_codes": N_SHARDS, "index_codes": 1, "validate_pipeline": 1}
+# New codes: the shards, their index and the training data cache (the pack, its tokens).
+EXTRACTION = {"extract_codes": N_SHARDS, "index_codes": 1, "pack_codes": 1, "tokenize_text": 1, "validate_pipeline": 1}
 # What scoring every stage reads from the evaluation config, the sample list or the codec:
 # the reference scores (topline, floor, real), each stage's scores and the two pages.
 SCORES = {"evaluate_reference": 1, "evaluate_stage": len(SAMPLE_STAGES), "report_samples": 1, "report_eval": 1}
 PROBES = {"probe_stage": 3, "report_eval": 1}
-# What reads bpe.model or vocab_report.json: the gate, training and the data report.
-VOCAB = {"train_vocab": 1, "validate_pipeline": 1, "report_data": 1} | ALL_STAGES
+# What reads bpe.model or vocab_report.json: the text ids of the cache, the gate, training and
+# the data report; never the codes or their pack.
+VOCAB = {"train_vocab": 1, "tokenize_text": 1, "validate_pipeline": 1, "report_data": 1} | ALL_STAGES
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,10 @@ CASES = [
          config=lambda c: c["speakers"].update(top_k=3)),
     Case("vocab-size", VOCAB, config=lambda c: c["vocab"].update(vocab_size=200)),
     Case("vocab-module", VOCAB, module="vocab.py"),
+    # A new bpe.model with the same config: re-tokenised, the codes pack kept.
+    Case("vocab-file", VOCAB, args=("--forcerun", "train_vocab")),
+    # The dataset's code: the gate and training, not the cache they read.
+    Case("dataset-module", {"validate_pipeline": 1} | ALL_STAGES, module="dataset.py"),
     Case("sampling", {"synthesize_samples": len(SAMPLE_STAGES), "evaluate_stage": len(SAMPLE_STAGES),
                       "report_samples": 1, "report_eval": 1},
          config=lambda c: c["synthesize"].update(temperature=0.5)),
@@ -196,7 +202,8 @@ def test_korean_example_before_its_files_exist_names_every_missing_key(demo):
     for key, path in [("data.manifests[0]", manifests[0]), ("data.manifests[1].path", manifests[1]["path"]),
                       *((f"codec.{k}", korean["codec"][k]) for k in ("weights", "w2v_bert", "w2v_bert_stats")),
                       ("vocab.base_model", korean["vocab"]["base_model"]),
-                      *((f"pretrained.{k}", korean["pretrained"][k]) for k in ("gpt", "bpe"))]:
+                      *((f"pretrained.{k}", korean["pretrained"][k])
+                        for k in ("gpt", "bpe", "s2mel", "campplus", "bigvgan"))]:
         assert f"  {key}: {path}: no such " in out, key
     assert _files(demo) == before and not (demo / "runs").exists()
 

@@ -212,8 +212,7 @@ def test_validation_and_a_short_stage1_run_on_semantic_codes(tmp_path):
     the pre-training gate and a few stage-1 steps, with the model reading w2v_bert features."""
     import json
 
-    from indextts.codes import CodecConfig
-    from indextts.codes import CodesConfig, extract_codes, index_codes, read_shard_codes, shard_file_name
+    from indextts.codes import CodecConfig, CodesConfig, extract_codes, index_codes, read_shard_codes, shard_file_name
     from indextts.data import CodesDataset, DataError
     from indextts.features import FeatureConfig, PromptFeaturesConfig, features_path_for
     from indextts.audio.semantic_codec import TINY_CODEC, TINY_W2V_BERT, make_tiny_semantic
