@@ -212,6 +212,7 @@ SECTIONS: dict[str, str] = {
     "data": "indextts.manifest:DataConfig",
     "text": "indextts.text:TextConfig",
     "clean": "indextts.manifest:CleanConfig",
+    "asr_filter": "indextts.asr_filter:AsrFilterConfig",
     "vocab": "indextts.vocab:VocabConfig",
     "speakers": "indextts.speakers:SpeakersConfig",
     "codec": "indextts.codes:CodecConfig",

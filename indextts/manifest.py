@@ -767,6 +767,14 @@ CLEAN_UNCOMPRESSED = ("text", "raw_text")
 _CLEAN_STATISTICS = ("utt_id", "audio_path", "speaker", "language", "emotion", "duration", "sample_rate", "channels", "split")
 
 
+def write_clean_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write rows of clean.parquet (:data:`CLEAN_SCHEMA`) with the settings cleaning writes them
+    with, atomically; for steps that take rows out of a clean table (the ASR filter)."""
+    with parquet_writer(path, CLEAN_SCHEMA, dictionary=_CLEAN_DICTIONARY, statistics=_CLEAN_STATISTICS, uncompressed=CLEAN_UNCOMPRESSED) as writer:
+        writer.write_table(table.select(CLEAN_SCHEMA.names).cast(CLEAN_SCHEMA), row_group_size=_SPAN_ROWS)
+    return Path(path)
+
+
 @dataclass(frozen=True)
 class _Rows:
     """Step 1's result: every parsed row of every manifest."""
@@ -814,6 +822,7 @@ def clean_manifest(
     out_dir: str | os.PathLike,
     manifests: Sequence[str | ManifestSpec] | None = None,
     progress: bool = True,
+    clean_path: str | os.PathLike | None = None,
 ) -> CleanOutputs:
     """Clean and concatenate manifests.
 
@@ -827,6 +836,8 @@ def clean_manifest(
         out_dir: folder for ``clean.parquet``, ``rejects.parquet`` and ``summary.json``.
         manifests: overrides ``data_cfg.manifests`` when given.
         progress: show a progress bar while probing.
+        clean_path: where the clean table goes instead of ``out_dir/clean.parquet`` (with
+            ``asr_filter.enabled``, ``pre_asr.parquet``: the ASR filter writes clean.parquet).
 
     Returns:
         The three output paths.
@@ -838,7 +849,7 @@ def clean_manifest(
     if not specs:
         raise ManifestError("data.manifests is empty: list at least one manifest file")
     out_dir = Path(out_dir)
-    out = CleanOutputs(out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
+    out = CleanOutputs(Path(clean_path) if clean_path else out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
 
     rows = _read(specs, data_cfg.columns, text_cfg.language)
     spans = [(a, min(a + _SPAN_ROWS, rows.table.num_rows)) for a in range(0, rows.table.num_rows, _SPAN_ROWS)]
@@ -1221,12 +1232,14 @@ def cli_clean_manifest(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="indextts clean-manifest", description=clean_manifest.__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="inline JSON or a YAML file with data/text/clean sections")
     p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--clean", type=Path, help="the clean table (default OUT_DIR/clean.parquet; with the ASR filter on, its input)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("manifests", nargs="*", help="override data.manifests")
     args = p.parse_args(argv)
     data_cfg, text_cfg, clean_cfg = load_configs(load_config_arg(args.config))
     try:
-        out = clean_manifest(data_cfg, text_cfg, clean_cfg, args.out_dir, manifests=args.manifests or None, progress=not args.no_progress)
+        out = clean_manifest(data_cfg, text_cfg, clean_cfg, args.out_dir, manifests=args.manifests or None, progress=not args.no_progress,
+                             clean_path=args.clean)
     except ManifestError as e:
         print(f"clean-manifest: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,8 @@ Each rule of ``rules/report.smk`` calls one command here and flags its outputs w
 ``report(...)``; Snakemake's own report gathers them by category. What a person sees:
 
 * data: hours, speakers, rejects per reason, the vocabulary report (an HTML table), the duration
-  histogram and the per-speaker one;
+  histogram and the per-speaker one; when the ASR filter ran, its counts per reason, rejected
+  share and edge silences, and its CER histogram;
 * per stage: loss curves (train and val; total, text and every codebook's code loss), learning
   rate and non-pad tokens/s, a summary (parameters, val losses, warnings, the transfer report of
   an import); stage 2 also its speaker loss and accuracy with the healthy band and the GRL lambda;
@@ -283,13 +284,59 @@ def plot_speakers(speakers: Sequence[str], durations: Sequence[float], splits: S
     return save_figure(fig, path, cfg)
 
 
+def plot_asr_cer(asr: Mapping[str, Any], path: str | Path, cfg: ReportConfig) -> Path:
+    """The ASR filter's CER histogram (``asr_summary.json``) with its threshold drawn in."""
+    plt = _plt()
+
+    hist = asr["cer"]["histogram"]
+    edges, counts = hist["edges"], list(hist["counts"])
+    width = edges[1] - edges[0]
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    ax.bar(edges[:-1], counts, width=width, align="edge", label="clips")
+    if hist.get("above_1"):
+        ax.bar([edges[-1]], [hist["above_1"]], width=width, align="edge", color="tab:red", label="CER > 1")
+    ax.axvline(asr["max_cer"], color="k", ls="--", label=f"max_cer {asr['max_cer']}")
+    ax.set_xlabel("CER (hypothesis vs transcript)")
+    ax.set_ylabel("clips")
+    model = (asr.get("model") or {}).get("name") or "ASR"
+    ax.set_title(f"{asr['cer'].get('n', 0)} clips by {model}: {asr['rejected']} of {asr['input_rows']} rejected "
+                 f"({100 * asr['rejected_share']:.1f} %)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, cfg)
+
+
+def _asr_section(a: Mapping[str, Any]) -> list[str]:
+    """The data page's rows for the ASR filter's summary."""
+    cer = a.get("cer") or {}
+    model = a.get("model") or {}
+    rows = [
+        ("model", f"{model.get('name')} (sha256 {str(model.get('sha256'))[:12]})"),
+        ("clips in", a.get("input_rows")), ("kept", a.get("kept")), ("rejected", a.get("rejected")),
+        ("rejected share", f"{100 * a.get('rejected_share', 0):.2f} %"),
+        ("kept + rejected = input", "yes" if a.get("reconciled") else "NO"),
+        ("hours kept", a.get("hours_kept")),
+        ("max_cer", a.get("max_cer")), ("min_edge_silence (s)", a.get("min_edge_silence")),
+        *((f"CER {k}", cer[k]) for k in ("mean", "p5", "median", "p95") if k in cer),
+        *((f"{end} silence median (s)", (a.get(f"{end}_silence") or {}).get("median")) for end in ("leading", "trailing")),
+        ("clips without detected speech", a.get("no_speech_detected")),
+    ]
+    reasons = sorted((a.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])
+    return ["<h2>ASR filter</h2>", html_table(rows),
+            html_table([(k, n) for k, n in reasons], ("reason", "rows")),
+            '<p class="muted">Every rejected clip, with its hypothesis, CER and edge silences: '
+            "clean/asr_rejects.parquet.</p>"]
+
+
 # --- the pieces ---------------------------------------------------------------------------------
 
 
 def report_data(cfg: ReportConfig, *, summary: Path, clean: Path, vocab_report: Path, speakers: Path,
-                page: Path, durations_plot: Path, speakers_plot: Path) -> list[Path]:
+                page: Path, durations_plot: Path, speakers_plot: Path, asr_summary: Path | None = None,
+                asr_cer_plot: Path | None = None) -> list[Path]:
     """Data summary page (hours, speakers, rejects per reason, vocab report, speaker selection) and
-    the duration and per-speaker histograms."""
+    the duration and per-speaker histograms; with the ASR filter's ``asr_summary`` also its counts
+    on the page and its CER histogram (``asr_cer_plot``)."""
     import pandas as pd
 
     s = json.loads(Path(summary).read_text(encoding="utf-8"))
@@ -308,6 +355,11 @@ def report_data(cfg: ReportConfig, *, summary: Path, clean: Path, vocab_report: 
     ])]
     reasons = sorted((s.get("rejected_by_reason") or {}).items(), key=lambda kv: -kv[1])
     body += ["<h2>Rejects per reason</h2>", html_table([(k, n) for k, n in reasons], ("reason", "rows"))]
+    asr = json.loads(Path(asr_summary).read_text(encoding="utf-8")) if asr_summary else None
+    if asr is not None:
+        body[1:1] = [f'<p class="muted">Cleaning kept {s.get("kept")} clips; the ASR filter kept {asr.get("kept")} '
+                     "of them (below). The tables count cleaning's rows.</p>"]
+        body += _asr_section(asr)
     body += ["<h2>Vocabulary</h2>", html_table([
         ("mode", v.get("mode")), ("model type", v.get("model_type")), ("pieces", v.get("vocab_size")),
         ("val utterances", v.get("val_utterances")), ("val tokens", v.get("val_tokens")),
@@ -324,7 +376,10 @@ def report_data(cfg: ReportConfig, *, summary: Path, clean: Path, vocab_report: 
     selected = (spk.get("speakers") or {}).keys()
     plot_speakers(frame["speaker"].astype(str).tolist(), frame["duration"].to_numpy(), frame["split"].astype(str).tolist(),
                   selected, speakers_plot, cfg)
-    return [Path(page), Path(durations_plot), Path(speakers_plot)]
+    out = [Path(page), Path(durations_plot), Path(speakers_plot)]
+    if asr is not None and asr_cer_plot is not None:
+        out.append(plot_asr_cer(asr, asr_cer_plot, cfg))
+    return out
 
 
 def stage_summary(stage: int, meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
@@ -700,10 +755,16 @@ def cli_report_data(argv: list[str]) -> int:
     p.add_argument("--config", help="config file or inline JSON with a report section")
     for name in ("summary", "clean", "vocab-report", "speakers", "page", "durations", "speakers-plot"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--asr-summary", help="the ASR filter's asr_summary.json, when it ran")
+    p.add_argument("--asr-cer", help="where the ASR filter's CER histogram goes (with --asr-summary)")
     a = p.parse_args(argv)
+    if bool(a.asr_summary) != bool(a.asr_cer):
+        p.error("--asr-summary and --asr-cer go together")
     out = report_data(_report_cfg(a.config), summary=Path(a.summary), clean=Path(a.clean),
                       vocab_report=Path(a.vocab_report), speakers=Path(a.speakers), page=Path(a.page),
-                      durations_plot=Path(a.durations), speakers_plot=Path(a.speakers_plot))
+                      durations_plot=Path(a.durations), speakers_plot=Path(a.speakers_plot),
+                      asr_summary=Path(a.asr_summary) if a.asr_summary else None,
+                      asr_cer_plot=Path(a.asr_cer) if a.asr_cer else None)
     print("wrote " + ", ".join(map(str, out)))
     return 0
 

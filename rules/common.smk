@@ -19,6 +19,13 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_defa
 RESULTS = os.path.normpath(config["run"]["results_dir"])
 LOGS = os.path.normpath(config["run"]["logs_dir"])
 
+# The clean table every later stage reads. With the ASR filter on (asr_filter.enabled,
+# rules/asr_filter.smk), clean_manifest writes PRE_ASR and the filter's merge writes CLEAN from
+# it; off, clean_manifest writes CLEAN itself and no rule of the filter exists.
+ASR_FILTER = bool(config["asr_filter"]["enabled"])
+CLEAN = f"{RESULTS}/clean/clean.parquet"
+PRE_ASR = f"{RESULTS}/clean/pre_asr.parquet"
+
 # What the demo rules write when demo.enabled (rules/demo.smk, rules/codes.smk): config.yaml names
 # these files as data.manifests and codec.weights, so the input check below exempts them.
 DEMO_MANIFEST = f"{RESULTS}/demo/corpus/manifest.jsonl"
@@ -36,6 +43,14 @@ VOICE_KEYS = ("s2mel", "campplus", "bigvgan")
 def semantic_only(cfg):
     """``required`` of a key the semantic codec needs and DAC never reads."""
     return True if cfg["codec"]["kind"] == "semantic" else None
+
+
+def asr_filter_model_required(cfg):
+    """``required`` of asr_filter.asr.path: unread with the filter off; needed when eval.asr.path
+    (which the filter falls back to) is not set either."""
+    if not cfg["asr_filter"]["enabled"]:
+        return None
+    return not cfg["eval"]["asr"]["path"]
 
 
 # Every file or folder the config names, checked when the DAG is built (check_configured_inputs).
@@ -59,8 +74,13 @@ CONFIGURED_INPUTS = (
     ("pretrained.campplus", "file", False),
     ("pretrained.bigvgan", BIGVGAN_FILES, False),
     ("eval.asr.path", "folder", False),
+    ("asr_filter.asr.path", ("config.json",), asr_filter_model_required),
     ("eval.speaker.path", "folder", False),
 )
+
+
+# What a "not set" line adds for a key that another key can stand in for.
+NOT_SET_HINTS = {"asr_filter.asr.path": " (nor eval.asr.path, which the ASR filter falls back to)"}
 
 
 def configured_paths(key):
@@ -112,7 +132,7 @@ def check_configured_inputs():
             continue
         paths = configured_paths(key)
         if required and not paths:
-            problems.append(f"{key}: not set")
+            problems.append(f"{key}: not set{NOT_SET_HINTS.get(key, '')}")
         for label, path in paths:
             if os.path.normpath(path) in GENERATED_INPUTS:
                 continue
@@ -441,6 +461,59 @@ def transfer_arg(wildcards):
 def report_stage_category(wildcards):
     """The report category of a stage's pieces, numbered so categories sort in pipeline order."""
     return f"{int(wildcards.stage) + 1}. Stage {wildcards.stage}"
+
+
+# --- the ASR filter ---------------------------------------------------------------------------
+
+
+def asr_filter_asr():
+    """The ASR section the filter transcribes with: its own, or eval.asr's when its path is null."""
+    own = config["asr_filter"]["asr"]
+    return own if own["path"] else config["eval"]["asr"]
+
+
+def asr_filter_config(step):
+    """``params.cfg`` of the filter's rules. ``transcribe``: what a transcript depends on (the ASR
+    section in use less its batch_size, the device, the VAD threshold); ``merge``: the thresholds
+    and the text section CER is scored through. So a threshold re-filters, never re-transcribes."""
+    f = config["asr_filter"]
+    if step == "merge":
+        out = {
+            "asr_filter": {k: f[k] for k in ("max_cer", "min_edge_silence")},
+            "text": config["text"],
+        }
+    else:
+        asr = {k: v for k, v in asr_filter_asr().items() if k != "batch_size"}
+        out = {"asr_filter": {"device": f["device"], "vad_threshold": f["vad_threshold"]}}
+        if f["asr"]["path"]:
+            out["asr_filter"]["asr"] = asr
+        else:
+            out["eval"] = {"asr": asr}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def get_asr_filter_model(wildcards):
+    """The ASR folder's files (indextts.asr_filter.model_files), so replacing one re-transcribes."""
+    folder = Path(asr_filter_asr()["path"])
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def asr_filter_batch_size(wildcards, resources):
+    """``params: batch_size=asr_filter_batch_size``: clips per ASR pass, speed only (a transcript
+    does not depend on its batch), so a function of resources: not a rerun trigger."""
+    return int(asr_filter_asr()["batch_size"])
+
+
+def asr_filter_cache(wildcards, resources):
+    """``params: cache=asr_filter_cache``: the transcripts kept across reruns (not an output, so
+    Snakemake never deletes it): a rerun of a shard transcribes only clips it has not seen. Where a
+    run writes is in no rule's params, so a function of resources."""
+    return f"{RESULTS}/asr_filter/cache"
+
+
+def asr_filter_gpus():
+    """GPUs a transcription job holds: none when the config pins the filter's ASR to the CPU."""
+    return 0 if config["asr_filter"]["device"] == "cpu" else 1
 
 
 # --- evaluation -------------------------------------------------------------------------------

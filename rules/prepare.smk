@@ -1,11 +1,12 @@
-# Data preparation: clean_manifest -> train_vocab, select_speakers.
+# Data preparation: clean_manifest -> train_vocab, select_speakers. With asr_filter.enabled,
+# clean_manifest writes PRE_ASR and the ASR filter (rules/asr_filter.smk) writes CLEAN.
 
 
 rule clean_manifest:
     input:
         manifests=get_manifests,
     output:
-        clean=f"{RESULTS}/clean/clean.parquet",
+        clean=PRE_ASR if ASR_FILTER else CLEAN,
         rejects=f"{RESULTS}/clean/rejects.parquet",
         summary=f"{RESULTS}/clean/summary.json",
     log:
@@ -20,12 +21,14 @@ rule clean_manifest:
         code=code_id("manifest", "text", *CORE),
         out_dir=lambda wildcards, output: os.path.dirname(output.clean),
     shell:
-        "indextts clean-manifest --config {params.cfg:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "indextts clean-manifest --config {params.cfg:q} --out-dir {params.out_dir}"
+        + (" --clean {output.clean:q}" if ASR_FILTER else "")
+        + " > {log} 2>&1"
 
 
 rule train_vocab:
     input:
-        clean=rules.clean_manifest.output.clean,
+        clean=CLEAN,
     output:
         model=f"{RESULTS}/vocab/bpe.model",
         vocab=f"{RESULTS}/vocab/bpe.vocab",
@@ -47,7 +50,7 @@ rule train_vocab:
 
 rule select_speakers:
     input:
-        clean=rules.clean_manifest.output.clean,
+        clean=CLEAN,
     output:
         speakers=f"{RESULTS}/speakers/speakers.json",
     log:

@@ -10,11 +10,23 @@ REPORT_DIR = f"{RESULTS}/report"
 
 rule report_data:
     input:
+        **({"asr_summary": f"{RESULTS}/clean/asr_summary.json"} if ASR_FILTER else {}),
         summary=f"{RESULTS}/clean/summary.json",
         clean=f"{RESULTS}/clean/clean.parquet",
         vocab_report=f"{RESULTS}/vocab/vocab_report.json",
         speakers=f"{RESULTS}/speakers/speakers.json",
     output:
+        **(
+            {
+                "asr_cer": report(
+                    f"{REPORT_DIR}/data/asr_cer.{FMT}",
+                    caption="report/asr_cer.rst",
+                    category="1. Data",
+                )
+            }
+            if ASR_FILTER
+            else {}
+        ),
         page=report(f"{REPORT_DIR}/data/data.html", caption="report/data.rst", category="1. Data"),
         durations=report(
             f"{REPORT_DIR}/data/durations.{FMT}",
@@ -37,7 +49,13 @@ rule report_data:
         "indextts report-data --config {params.cfg:q} --summary {input.summary:q}"
         " --clean {input.clean:q} --vocab-report {input.vocab_report:q}"
         " --speakers {input.speakers:q} --page {output.page:q}"
-        " --durations {output.durations:q} --speakers-plot {output.speakers:q} > {log:q} 2>&1"
+        " --durations {output.durations:q} --speakers-plot {output.speakers:q}"
+        + (
+            " --asr-summary {input.asr_summary:q} --asr-cer {output.asr_cer:q}"
+            if ASR_FILTER
+            else ""
+        )
+        + " > {log:q} 2>&1"
 
 
 rule report_stage:

@@ -220,12 +220,14 @@ class AsrModel:
         name: what a report prints: the folder's name, the kind and the language.
     """
 
-    def __init__(self, cfg: AsrConfig, device: str = "cpu") -> None:
+    def __init__(self, cfg: AsrConfig, device: str = "cpu", key: str = "eval.asr") -> None:
         """Load the processor and model from ``cfg.path``; nothing is downloaded.
 
         Args:
-            cfg: the ``eval.asr`` section.
+            cfg: the ``eval.asr`` section (or another section of the same shape).
             device: where the model runs (``cpu``, ``cuda``, ``cuda:1``).
+            key: the config section ``cfg`` came from, named in error messages
+                (``asr_filter.asr`` for the ASR filter's own model).
 
         Raises:
             EvalModelError: a missing folder, a folder without ``config.json`` or of another
@@ -234,6 +236,7 @@ class AsrModel:
         import torch
 
         self.cfg = cfg
+        self._key = key
         self.device = torch.device(device)
         if cfg.kind == "whisper":
             self._load_whisper(cfg)
@@ -249,7 +252,7 @@ class AsrModel:
     def _load_whisper(self, cfg: AsrConfig) -> None:
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
-        key = "eval.asr.path"
+        key = f"{self._key}.path"
         what = "a local Whisper folder (e.g. whisper-large-v3)"
         folder, _ = model_folder(cfg.path, key, model_type="whisper",
                                  architecture="WhisperForConditionalGeneration", what=what)
@@ -263,20 +266,20 @@ class AsrModel:
         self._language: str | None = None
         if cfg.language is not None:
             if not multilingual:
-                raise EvalModelError(f"eval.asr.language: {folder} is an English-only Whisper; set "
-                                     "eval.asr.language to null, or point eval.asr.path at a multilingual Whisper")
+                raise EvalModelError(f"{self._key}.language: {folder} is an English-only Whisper; set "
+                                     f"{self._key}.language to null, or point {self._key}.path at a multilingual Whisper")
             lang_to_id = getattr(gen, "lang_to_id", None) or {}
-            self._language = _whisper_language_token(cfg.language, lang_to_id, folder)
+            self._language = _whisper_language_token(cfg.language, lang_to_id, folder, self._key)
         if multilingual and not hasattr(gen, "task_to_id"):
             raise EvalModelError(f"{key}: {folder}'s generation_config.json has no task_to_id; copy the "
                                  "generation_config.json of the model's release into the folder")
         self._task = cfg.task if multilingual else None
         if not multilingual and cfg.task != "transcribe":
-            raise EvalModelError(f"eval.asr.task: {folder} is an English-only Whisper, which only transcribes")
+            raise EvalModelError(f"{self._key}.task: {folder} is an English-only Whisper, which only transcribes")
         # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> come before the text.
         limit = int(self.model.config.max_target_positions) - 4
         if cfg.max_new_tokens > limit:
-            raise EvalModelError(f"eval.asr.max_new_tokens: {cfg.max_new_tokens} is more than {folder} can decode "
+            raise EvalModelError(f"{self._key}.max_new_tokens: {cfg.max_new_tokens} is more than {folder} can decode "
                                  f"({limit}: its max_target_positions less the 4 prompt tokens); lower it")
 
     def _whisper_generate(self, clips: list[np.ndarray], long_form: bool) -> list[str]:
@@ -305,7 +308,7 @@ class AsrModel:
     def _load_ctc(self, cfg: AsrConfig) -> None:
         from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-        key = "eval.asr.path"
+        key = f"{self._key}.path"
         what = "a local Wav2Vec2ForCTC folder (e.g. mms-1b-all)"
         folder, config = model_folder(cfg.path, key, model_type="wav2vec2", architecture="Wav2Vec2ForCTC",
                                       what=what, files=("preprocessor_config.json", "vocab.json"))
@@ -320,8 +323,8 @@ class AsrModel:
             if lang is None or lang not in vocab:
                 some = ", ".join(sorted(vocab)[:12])
                 raise EvalModelError(
-                    f"eval.asr.language: {folder} is a multi-language CTC model (one vocabulary per language in "
-                    f"vocab.json); set eval.asr.language to one of its {len(vocab)} languages ({some}"
+                    f"{self._key}.language: {folder} is a multi-language CTC model (one vocabulary per language in "
+                    f"vocab.json); set {self._key}.language to one of its {len(vocab)} languages ({some}"
                     f"{' ...' if len(vocab) > 12 else ''}), got {lang!r}")
         self.extractor = load_processor(Wav2Vec2FeatureExtractor, folder, key)
         self.tokenizer = load_processor(Wav2Vec2CTCTokenizer, folder, key,
@@ -339,8 +342,8 @@ class AsrModel:
         elif per_language and config.get("adapter_attn_dim") is not None:
             have = sorted(p.name[len("adapter."):-len(".safetensors")] for p in folder.glob("adapter.*.safetensors"))
             raise EvalModelError(
-                f"eval.asr.language: {folder} has no adapter.{lang}.safetensors (adapters for: "
-                f"{', '.join(have[:12]) or 'none'}{' ...' if len(have) > 12 else ''}); set eval.asr.language to "
+                f"{self._key}.language: {folder} has no adapter.{lang}.safetensors (adapters for: "
+                f"{', '.join(have[:12]) or 'none'}{' ...' if len(have) > 12 else ''}); set {self._key}.language to "
                 "one of them or copy the adapter in")
         rows, chars = int(self.model.lm_head.out_features), len(self.tokenizer.encoder)
         if rows < chars:
@@ -424,7 +427,7 @@ def _transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _whisper_language_token(language: str, lang_to_id: Mapping[str, int], folder: Path) -> str:
+def _whisper_language_token(language: str, lang_to_id: Mapping[str, int], folder: Path, key: str = "eval.asr") -> str:
     from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
     lang = language.strip().lower()
@@ -433,7 +436,7 @@ def _whisper_language_token(language: str, lang_to_id: Mapping[str, int], folder
     if token not in lang_to_id:
         codes = sorted(t[2:-2] for t in lang_to_id)
         raise EvalModelError(
-            f"eval.asr.language: {language!r} is not a language of {folder} (its generation_config.json has "
+            f"{key}.language: {language!r} is not a language of {folder} (its generation_config.json has "
             f"{len(codes)}: {', '.join(codes[:20])}{' ...' if len(codes) > 20 else ''}); give a code such as 'ko' "
             "or a name such as 'korean'")
     return token
