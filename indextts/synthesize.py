@@ -186,7 +186,8 @@ class Synthesizer:
         codec_weights: the codec weights; default the path ``model.json``'s codec section names
             (relative paths resolve against the working directory, as in the pipeline).
         device: ``auto``, ``cpu`` or ``cuda``.
-        voice: semantic codes only (required there): the released s2mel, CAM++ and BigVGAN files.
+        voice: semantic codes only: the released s2mel, CAM++ and BigVGAN files; default those the
+            stage folder records (``model.json`` ``extra.voice``, the ``pretrained`` section training ran with).
 
     Raises:
         SynthesisError: the prompt features are not the codes' kind, or the codec weights are
@@ -235,7 +236,7 @@ class Synthesizer:
         if self.semantic:
             from indextts.voice import SemanticVoice, VoiceFiles
 
-            files = voice or VoiceFiles.from_record({}, str(where))
+            files = voice or VoiceFiles.from_record(dict((meta.get("extra") or {}).get("voice") or {}), str(where))
             self.voice = SemanticVoice(codec_cfg, files, device=self.device)
             self.codec, self.codec_info = None, self.voice.encoder.info
             if self.voice.gpt_dim != self.cfg.model_dim:
@@ -621,7 +622,7 @@ def cli_synthesize(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="indextts synthesize", description=cli_synthesize.__doc__)
     p.add_argument("--checkpoint", required=True, help="a stage folder, e.g. results/train/stage3")
     p.add_argument("--codec-weights", help="the codec weights (default: the path the checkpoint's model.json names)")
-    voice = p.add_argument_group("semantic codes: the released files after the GPT (required for those models)")
+    voice = p.add_argument_group("semantic codes: the released files after the GPT (default: those model.json records)")
     voice.add_argument("--s2mel", help="IndexTTS2's s2mel.pth")
     voice.add_argument("--campplus", help="campplus_cn_common.bin (CAM++)")
     voice.add_argument("--bigvgan", help="the bigvgan_v2_22khz_80band_256x folder (config.json, bigvgan_generator.pt)")

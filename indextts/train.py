@@ -1053,6 +1053,11 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         }
         if classifier is not None:
             extra["classifier"] = {"file": CLASSIFIER, "n_speakers": max(speakers.values()) + 1}
+        # The released files a semantic-code stage speaks through (pretrained.s2mel, campplus,
+        # bigvgan; passed as runtime values, so they never retrain), for indextts synthesize.
+        voice = {k: (config.get("pretrained") or {}).get(k) for k in ("s2mel", "campplus", "bigvgan")}
+        if pre["codec"].get("kind") == "semantic" and all(voice.values()):
+            extra["voice"] = voice
         if first_val and final_val and first_val.get("mel_loss"):
             drop = 1 - final_val["mel_loss"] / first_val["mel_loss"]
             extra["val_mel_loss_drop"] = round(drop, 4)

@@ -63,6 +63,7 @@ def asr_filter_model_required(cfg):
 #   config returning one of those, or None when this config does not read the key.
 CONFIGURED_INPUTS = (
     ("data.manifests", "file", True),
+    ("data.replay", "file", False),
     ("codec.weights", "file", True),
     ("codec.w2v_bert", W2V_BERT_FILES, semantic_only),
     ("codec.w2v_bert_stats", "file", semantic_only),
@@ -212,10 +213,12 @@ def train_config(stage, *sections):
 
 
 def runtime_config():
-    """The RUNTIME_KEYS values of every section, as compact JSON (see RUNTIME)."""
+    """The RUNTIME_KEYS values of every section, as compact JSON (see RUNTIME), and the voice files
+    (SYNTHESIS_KEYS): training records them in the stage folder for a later ``indextts synthesize``
+    without them being a reason to retrain."""
     out = {
         s: {k: config[s][k] for k in keys if k in (config.get(s) or {})}
-        for s, keys in RUNTIME_KEYS.items()
+        for s, keys in (*RUNTIME_KEYS.items(), *SYNTHESIS_KEYS.items())
     }
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
@@ -333,8 +336,10 @@ def extra_targets():
 
 
 def get_manifests(wildcards):
-    """The manifest files listed in data.manifests (plain paths or {path: ...} entries)."""
-    return [m["path"] if isinstance(m, dict) else m for m in config["data"]["manifests"]]
+    """The manifest files listed in data.manifests and data.replay (plain paths or {path: ...}
+    entries)."""
+    entries = [*config["data"]["manifests"], *(config["data"].get("replay") or [])]
+    return [m["path"] if isinstance(m, dict) else m for m in entries]
 
 
 def get_pretrained(wildcards):

@@ -219,3 +219,14 @@ def test_semantic_dag_speaks_every_stage_scores_it_and_a_second_run_does_nothing
     assert (wd / "results" / "export" / "gpt.pth").is_file()
     assert cfg["codec"]["kind"] == "semantic"
     assert planned_jobs(wd, "--cores", "2") == {}
+    # Each stage folder records the voice files for a later indextts synthesize ...
+    for stage in (1, 2, 3):
+        meta = json.loads((wd / "results" / "train" / f"stage{stage}" / "model.json").read_text())
+        assert meta["extra"]["voice"] == voice
+    # ... and another s2mel re-speaks and rescores the samples, never retrains.
+    other = tmp_path / "models" / "voice" / "s2mel-copy.pth"
+    shutil.copyfile(voice["s2mel"], other)
+    edit_config(wd, lambda c: c["pretrained"].update(s2mel=str(other)))
+    plan = planned_jobs(wd, "--cores", "2")
+    assert plan.get("synthesize_samples") == 3 and plan.get("evaluate_stage") == 3, plan
+    assert not any(rule.startswith(("train_", "extract_", "validate", "export")) for rule in plan), plan
