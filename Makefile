@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := espeak-ng sox
 # What tests/test_slurm.py needs for its one-node SLURM (daemons started by the test itself),
-# and the headless browser tests/test_report.py opens the report in.
-TEST_DEB_PACKAGES := slurm-wlm munge chromium
+# iproute2 for the network namespaces of tests/test_slurm_multinode.py's two nodes, and the
+# headless browser tests/test_report.py opens the report in.
+TEST_DEB_PACKAGES := slurm-wlm munge iproute2 chromium
 # Root installs Debian packages directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CORES ?= all
