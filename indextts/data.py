@@ -301,6 +301,19 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         rank, world_size: data-parallel position.
         indices: use only these items (``lengths`` is indexed by them); batches hold dataset
             indices.
+        replay: a bool per dataset item (indexed like ``lengths``): a base-language row of
+            ``data.replay``. Those items are kept apart from the main ones and mixed in by
+            ``replay_ratio``.
+        replay_ratio: the share of an epoch's tokens that replay items make up (0 <= r < 1).
+
+    Replay rule: with ``replay_ratio`` 0 (or no replay item) the replay items are left out and
+    every batch is exactly what it is without them. With ``r > 0`` each epoch draws replay items
+    from ``(seed, epoch, 1)`` (passes of seeded permutations, so every replay item comes once
+    before any comes twice) until their tokens are the count closest to ``r / (1 - r)`` times
+    the main items' tokens, adds them to the main items and then shuffles, buckets and packs the
+    whole set as above: replay rows share batches with main rows, every batch keeps the token
+    bound, and the epoch's plan stays a function of ``(seed, epoch)``, so a resumed run sees the
+    same batches.
     """
 
     def __init__(
@@ -315,12 +328,30 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         rank: int = 0,
         world_size: int = 1,
         indices: Sequence[int] | np.ndarray | None = None,
+        replay: Sequence[bool] | np.ndarray | None = None,
+        replay_ratio: float = 0.0,
     ) -> None:
         lengths = np.asarray(lengths)
         if not np.issubdtype(lengths.dtype, np.integer):
             lengths = lengths.astype(np.int64)
+        if not 0.0 <= replay_ratio < 1.0:
+            raise ValueError(f"replay_ratio must be in [0, 1), got {replay_ratio}")
         # indices: the dataset items to use (a subset); batches name dataset indices either way.
         self._index = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.replay_ratio = float(replay_ratio)
+        self._n_main = None  # with replay mixed in: items [0, _n_main) are main, the rest replay
+        if replay is not None:
+            replay = np.asarray(replay, dtype=bool)
+            if len(replay) != len(lengths):
+                raise ValueError(f"replay has {len(replay)} flags for {len(lengths)} items")
+            index = np.arange(len(lengths)) if self._index is None else self._index
+            flags = replay[index]
+            if flags.any():
+                main = index[~flags]
+                if self.replay_ratio > 0:
+                    self._index, self._n_main = np.concatenate([main, index[flags]]), len(main)
+                else:
+                    self._index = main
         self.lengths = lengths if self._index is None else lengths[self._index]
         if max_tokens < 1 or max_batch_size < 1 or bucket_size < 1:
             raise ValueError("max_tokens, max_batch_size and bucket_size must be at least 1")
@@ -345,8 +376,40 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         """Iterate epoch ``epoch`` from its batch ``start`` (0 = the whole epoch)."""
         self.epoch, self.start = int(epoch), int(start)
 
+    def _replay_draw(self, epoch: int) -> np.ndarray:
+        """The replay items of ``epoch`` (positions into ``self.lengths``), their tokens closest
+        to ``r / (1 - r)`` times the main items' tokens (see the class doc)."""
+        n_main = self._n_main
+        main_tokens = int(self.lengths[:n_main].sum(dtype=np.int64))
+        pool = np.arange(n_main, len(self.lengths))
+        target = self.replay_ratio / (1 - self.replay_ratio) * main_tokens
+        per_pass = int(self.lengths[pool].sum(dtype=np.int64))
+        passes = int(target // max(per_pass, 1)) + 1
+        rng = np.random.default_rng((self.seed, epoch, 1))
+        stream = np.concatenate([rng.permutation(pool) for _ in range(passes)])
+        cum = np.cumsum(self.lengths[stream].astype(np.int64))
+        k = int(np.searchsorted(cum, target))  # cum[k] >= target: take k or k + 1 items
+        if k < len(cum) and (k == 0 or cum[k] - target < target - cum[k - 1]):
+            k += 1
+        return stream[:k]
+
+    def replay_share(self, epoch: int = 0) -> float:
+        """The share of ``epoch``'s tokens (every rank's) that replay items make up."""
+        if self._n_main is None:
+            return 0.0
+        items = self._all(epoch).items
+        ln = self.lengths[items].astype(np.int64)
+        return float(ln[items >= self._n_main].sum() / max(int(ln.sum()), 1))
+
     def _all(self, epoch: int) -> Plan:
         """Every rank's batches of ``epoch``, positions into ``self.lengths``."""
+        if self._n_main is not None:
+            items = np.concatenate([np.arange(self._n_main), self._replay_draw(epoch)])
+            rng = np.random.default_rng((self.seed, epoch))
+            order = items[rng.permutation(len(items))] if self.shuffle else items
+            order = _sort_in_buckets(order, -self.lengths.astype(np.int64), self.bucket_size).astype(_item_dtype(len(self.lengths)))
+            plan = Plan(order, _token_bounds(self.lengths[order], self.bucket_size, self.max_tokens, self.max_batch_size))
+            return plan.take(rng.permutation(len(plan))) if self.shuffle else plan
         n = len(self.lengths)
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n) if self.shuffle else np.arange(n)

@@ -190,6 +190,11 @@ class CodesDataset(torch.utils.data.Dataset):
         self.lengths = np.asarray(n_frames[rows], dtype=np.int32)
         self.text_lengths = np.asarray(n_text[rows], dtype=np.int32)
         self.unk_tokens = int(np.asarray(self.tokens.unk()[rows], dtype=np.int64).sum())
+        # Per item: its language (index into ``languages``, -1 unknown) and whether it is a
+        # base-language row of data.replay (what the sampler mixes in by train.stageN.replay_ratio).
+        self.languages: list[str] = list(pack.languages)
+        self.language = np.asarray(pack.array("language")[rows], dtype=np.int16)
+        self.replay = np.asarray(pack.array("replay")[rows], dtype=bool)
         # The reference draw: each speaker's items in index order, as slices of one array.
         self._speaker = np.asarray(speaker[rows], dtype=np.int32)
         self._order = np.argsort(self._speaker, kind="stable").astype(self._rows.dtype)
@@ -212,6 +217,10 @@ class CodesDataset(torch.utils.data.Dataset):
 
     def speaker(self, i: int) -> str:
         return self._names.get(int(self._speaker[i]))
+
+    def language_name(self, code: int) -> str:
+        """The language of code ``code`` of :attr:`language` (``"?"`` when unknown)."""
+        return self.languages[code] if 0 <= code < len(self.languages) else "?"
 
     def speakers_present(self) -> list[str]:
         """The speakers that have items, sorted."""

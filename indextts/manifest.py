@@ -104,6 +104,10 @@ class DataConfig:
     """The ``data`` config section: where the corpus is and how its columns are named."""
 
     manifests: tuple[str | ManifestSpec, ...] = ()  # concatenated in order
+    # Base-language manifests (languages the pretrained model speaks), each with its language:
+    # cleaned, extracted and packed like the main data, flagged ``replay`` in clean.parquet, mixed
+    # into training by ``train.stageN.replay_ratio``, never used to train the vocabulary.
+    replay: tuple[str | ManifestSpec, ...] = ()
     columns: Columns = Columns()
 
 
@@ -752,6 +756,7 @@ CLEAN_SCHEMA = pa.schema(
         ("duration", pa.float64()),
         ("sample_rate", pa.int32()),
         ("channels", pa.int16()),
+        ("replay", pa.bool_()),  # a base-language row of data.replay (not the new language)
         ("split", pa.string()),
     ]
 )
@@ -770,6 +775,8 @@ _CLEAN_STATISTICS = ("utt_id", "audio_path", "speaker", "language", "emotion", "
 def write_clean_table(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write rows of clean.parquet (:data:`CLEAN_SCHEMA`) with the settings cleaning writes them
     with, atomically; for steps that take rows out of a clean table (the ASR filter)."""
+    if "replay" not in table.column_names:  # a table of a clean.parquet written before replay existed
+        table = table.append_column("replay", pa.array(np.zeros(table.num_rows, dtype=bool)))
     with parquet_writer(path, CLEAN_SCHEMA, dictionary=_CLEAN_DICTIONARY, statistics=_CLEAN_STATISTICS, uncompressed=CLEAN_UNCOMPRESSED) as writer:
         writer.write_table(table.select(CLEAN_SCHEMA.names).cast(CLEAN_SCHEMA), row_group_size=_SPAN_ROWS)
     return Path(path)
@@ -848,10 +855,15 @@ def clean_manifest(
     specs = [_spec(m) for m in (manifests if manifests is not None else data_cfg.manifests)]
     if not specs:
         raise ManifestError("data.manifests is empty: list at least one manifest file")
+    replay = [_spec(m) for m in data_cfg.replay]
+    for spec in replay:
+        if not spec.language:
+            raise ManifestError(f"{spec.path}: data.replay entries need their language, e.g. "
+                                f"{{path: {spec.path}, language: zh}}")
     out_dir = Path(out_dir)
     out = CleanOutputs(Path(clean_path) if clean_path else out_dir / "clean.parquet", out_dir / "rejects.parquet", out_dir / "summary.json")
 
-    rows = _read(specs, data_cfg.columns, text_cfg.language)
+    rows = _read(specs, data_cfg.columns, text_cfg.language, replay)
     spans = [(a, min(a + _SPAN_ROWS, rows.table.num_rows)) for a in range(0, rows.table.num_rows, _SPAN_ROWS)]
     raw_text = rows.table.column("text")
     with cf.ThreadPoolExecutor(max_workers=_workers()) as pool:
@@ -877,11 +889,14 @@ def clean_manifest(
     return out
 
 
-def _read(specs: Sequence[ManifestSpec], columns: Columns, default_language: str) -> _Rows:
-    """Step 1: read every manifest (:func:`read_manifest`) and concatenate them."""
+def _read(specs: Sequence[ManifestSpec], columns: Columns, default_language: str,
+          replay: Sequence[ManifestSpec] = ()) -> _Rows:
+    """Step 1: read every manifest (:func:`read_manifest`), the replay ones flagged, and
+    concatenate them."""
     tables, folders, malformed, manifests = [], [], [], []
-    for spec in specs:
+    for spec, is_replay in [(s, False) for s in specs] + [(s, True) for s in replay]:
         table, bad = read_manifest(spec, columns, default_language)
+        table = table.append_column("replay", pa.array(np.full(table.num_rows, is_replay)))
         tables.append(table)
         folders.append((str(Path(spec.path).resolve().parent), table.num_rows))
         malformed += [{"manifest": str(spec.path), "row": b["row"], "reason": "malformed", "detail": b["detail"]} for b in bad]
@@ -1100,6 +1115,7 @@ def _kept_rows(rows: _Rows, keys: _Keys, a: int, b: int, texts: _Texts, verdict:
         "duration": pa.array(verdict.duration[keep], type=pa.float64()),
         "sample_rate": pa.array(np.where(probed, verdict.sample_rate[keep], 0), type=pa.int32(), mask=~probed),
         "channels": pa.array(np.where(probed, verdict.channels[keep], 0), type=pa.int16(), mask=~probed),
+        "replay": span.column("replay").filter(mask),
     }
     return pa.table(columns)
 

@@ -10,6 +10,8 @@ reads this derived cache instead, which Snakemake owns like any other output::
         n_frames.npy                int32 [rows]
         speaker.npy                 int32 [rows]: index into the speaker names
         split.npy                   int8 [rows]: index into pack.json's splits; -1 when not known
+        language.npy                int16 [rows]: index into pack.json's languages; -1 when not known
+        replay.npy                  bool [rows]: a base-language row (clean.parquet's ``replay``)
         has_emotion.npy             bool [rows]: an emotion label is set
         utt_id, audio_path, text,   uint8 UTF-8 strings back to back, each with its
         speaker_names (.npy)        <name>_offsets.npy (int64 [count + 1])
@@ -231,35 +233,45 @@ def _shard_codec(path: Path) -> dict:
 
 
 def _clean_split(clean: Path):
-    """(utt_id Arrow array, split codes int8, split names) of clean.parquet."""
+    """(utt_id Arrow array, split codes int8, split names, {"language": (codes int16, names),
+    "replay": bool array}) of clean.parquet."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    have = pq.read_schema(clean).names
     try:
-        t = pq.read_table(clean, columns=["utt_id", "split"])
+        t = pq.read_table(clean, columns=["utt_id", "split", *(c for c in ("language", "replay") if c in have)])
     except Exception as e:
         raise DataError(f"{clean}: cannot read utt_id/split columns ({e})") from e
-    split = pc.fill_null(t.column("split"), "").combine_chunks()
-    names = sorted(set(pc.unique(split).to_pylist()))
-    codes = pc.index_in(split, value_set=_pa_strings(names)).to_numpy(zero_copy_only=False).astype(np.int8)
-    return t.column("utt_id").combine_chunks(), codes, names
+
+    def coded(name: str, dtype):
+        col = pc.fill_null(t.column(name), "").combine_chunks()
+        names = sorted(set(pc.unique(col).to_pylist()))
+        return pc.index_in(col, value_set=_pa_strings(names)).to_numpy(zero_copy_only=False).astype(dtype), names
+
+    codes, names = coded("split", np.int8)
+    extra = {
+        "language": coded("language", np.int16) if "language" in have else (np.full(t.num_rows, -1, np.int16), []),
+        "replay": (pc.fill_null(t.column("replay"), False).to_numpy().astype(bool) if "replay" in have
+                   else np.zeros(t.num_rows, dtype=bool)),
+    }
+    return t.column("utt_id").combine_chunks(), codes, names, extra
 
 
-def _splits_of(utt_ids: list, clean: Path | None, clean_ids, clean_codes) -> np.ndarray:
-    """Each utterance's split code (-1 for all without a clean manifest), in one hash join."""
+def _clean_rows(utt_ids: list, clean: Path | None, clean_ids) -> np.ndarray | None:
+    """Each utterance's row in clean.parquet (None without a clean manifest), in one hash join."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    n = sum(len(u) for u in utt_ids)
     if clean_ids is None:
-        return np.full(n, -1, dtype=np.int8)
+        return None
     ids = pa.chunked_array(utt_ids, type=pa.string())
     where = pc.index_in(ids, value_set=clean_ids)
     if where.null_count:
         missing = ids.filter(pc.is_null(where))[0]
         raise DataError(f"{clean}: utt_id {str(missing)!r} of the code shards is not in the clean manifest; "
                         "the codes are stale: rerun extract_codes")
-    return clean_codes[where.to_numpy()]
+    return where.to_numpy()
 
 
 def _pa_strings(values: Sequence[str]):
@@ -340,8 +352,10 @@ def pack_codes(shards: Sequence[str | Path], output: str | Path, *, clean: str |
     name_set = _pa_strings(speaker_names)
     clean_ids = clean_codes = None
     splits: list[str] = []
+    languages: list[str] = []
     if clean is not None:
-        clean_ids, clean_codes, splits = _clean_split(Path(clean))
+        clean_ids, clean_codes, splits, clean_extra = _clean_split(Path(clean))
+        languages = clean_extra["language"][1]
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
@@ -379,8 +393,17 @@ def pack_codes(shards: Sequence[str | Path], output: str | Path, *, clean: str |
             if progress:
                 print(f"  packed {p.name}: {t.num_rows} utterances ({k + 1}/{len(shards)})", file=sys.stderr)
             del t, codes
-        cols["split"] = [_splits_of(utt_ids, clean, clean_ids, clean_codes)]
+        where = _clean_rows(utt_ids, clean, clean_ids)
+        n_rows = sum(len(u) for u in utt_ids)
         del utt_ids
+        if where is None:
+            cols["split"] = [np.full(n_rows, -1, dtype=np.int8)]
+            cols["language"] = [np.full(n_rows, -1, dtype=np.int16)]
+            cols["replay"] = [np.zeros(n_rows, dtype=bool)]
+        else:
+            cols["split"] = [clean_codes[where]]
+            cols["language"] = [clean_extra["language"][0][where]]
+            cols["replay"] = [clean_extra["replay"][where]]
         codes_w.close()
         for w in strings_w.values():
             w.close()
@@ -408,6 +431,7 @@ def pack_codes(shards: Sequence[str | Path], output: str | Path, *, clean: str |
             "frames": int(sum(int(x.sum(dtype=np.int64)) for x in cols["n_frames"])),
             "speakers": len(speaker_names),
             "splits": splits,
+            "languages": languages,
             "codes_bytes": codes_w.n * 2,
         }
         meta["id"] = source_id(meta["source"])
@@ -507,13 +531,19 @@ class CodesPack:
         self.rows: int = int(self.meta["rows"])
         self.n_q: int = int(self.meta["n_q"])
         self.splits: list[str] = list(self.meta["splits"])
+        self.languages: list[str] = list(self.meta.get("languages", []))
         self.shards = [Path(os.path.normpath(self.folder / p)) for p in self.meta["source"]["shards"]]
         self._codes = _Ragged(self.folder, "codes")
         self._strings = {k: _Ragged(self.folder, k) for k in _STRINGS}
 
     def array(self, name: str) -> np.ndarray:
-        """A per-utterance array (``n_frames``, ``speaker``, ``split``, ``has_emotion``), mapped."""
-        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        """A per-utterance array (``n_frames``, ``speaker``, ``split``, ``language``, ``replay``,
+        ``has_emotion``), mapped. A pack written before ``language``/``replay`` existed reads as
+        language unknown (-1) and no replay."""
+        path = self.folder / f"{name}.npy"
+        if name in ("language", "replay") and not path.is_file():
+            return np.full(self.rows, -1, np.int16) if name == "language" else np.zeros(self.rows, dtype=bool)
+        return np.load(path, mmap_mode="r")
 
     def speaker_names(self) -> list[str]:
         return _Ragged(self.folder, "speaker_names").all_strings()

@@ -179,7 +179,17 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: str | Path, cfg: Rep
     _curve(b, records, "mel_loss", "codes (mean)", "black", cfg)
     for i, key in enumerate(_codebook_keys(records)):
         _curve(b, records, key, key.split("/")[1], colors[(i + 2) % len(colors)], cfg)
-    b.set_title("code loss per codebook")
+    # Per-language val code losses (several languages in val, e.g. data.replay's base ones) and the
+    # forgetting guard's warnings (``split: guard``) as red lines at their steps.
+    langs = sorted({k.split("/")[1] for r in records if r.get("split") == "val" for k in r
+                    if k.startswith("lang/") and k.endswith("/mel_loss")})
+    for i, lang in enumerate(langs):
+        vx, vy = _series(records, "val", f"lang/{lang}/mel_loss")
+        b.plot(vx, vy, color=colors[(i + 5) % len(colors)], marker="s", linestyle=":", linewidth=1, markersize=3,
+               label=f"codes, {lang} (val)")
+    for j, step in enumerate(sorted({r["step"] for r in records if r.get("split") == "guard"})):
+        b.axvline(step, color="red", alpha=0.5, linewidth=1, label="forgetting warning" if j == 0 else None)
+    b.set_title("code loss per codebook" + (" and language" if langs else ""))
     for ax in (a, b):
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats)")

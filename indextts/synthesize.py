@@ -538,7 +538,13 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
     """
     import pandas as pd
 
-    clean = pd.read_parquet(clean_path, columns=["utt_id", "audio_path", "text", "speaker", "emotion", "split"])
+    import pyarrow.parquet as pq
+
+    columns = ["utt_id", "audio_path", "text", "speaker", "emotion", "split"]
+    has_replay = "replay" in pq.read_schema(clean_path).names
+    clean = pd.read_parquet(clean_path, columns=columns + (["replay"] if has_replay else []))
+    if has_replay:  # base-language rows (data.replay) are not the new language's samples
+        clean = clean[~clean["replay"].astype(bool)]
     val = clean[clean["split"] == "val"].sort_values("utt_id")
     by_spk = {s: g.to_dict("records") for s, g in val.groupby("speaker", sort=True)}
     trained = set(clean.loc[clean["split"] == "train", "text"])

@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,9 @@ class StageSettings:
     min_lr_ratio: float = 0.0  # floor of the cosine decay as a share of lr
     training_type: Literal["full", "lora"] = "full"  # full: all trainable weights; lora: adapters
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # Share of each epoch's tokens drawn from the base-language rows of data.replay (0: none;
+    # 0.1 keeps ~10% of the tokens in the languages the pretrained model already speaks).
+    replay_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,13 @@ class TrainConfig:
     # reference: the emotion prompt is the speaker prompt; target: a crop of the target itself
     emo_prompt: Literal["reference", "target"] = "target"
     val_every: int = 100  # steps between evaluations on the val split (and at the end)
-    val_max_batches: int = 50  # val batches per evaluation (0: all)
+    val_max_batches: int = 50  # val batches per evaluation (0: all); per language with several
+    # The forgetting guard: a base (replay) language whose val code loss rises more than this
+    # share above its value at the stage's first validation is a warning in the log and
+    # metrics.jsonl; with forgetting: stop the stage also ends there, keeping its best weights
+    # (lowest main-language val loss among the validations before the breach).
+    forgetting_tolerance: float = 0.1
+    forgetting: Literal["warn", "stop"] = "warn"
     state_every: int = 100  # steps between resumable states (and at the end)
     keep_states: int = 2  # newest states kept
     # Runtime knobs: cannot change a result, so they are kept out of the rules' params.
@@ -159,6 +168,8 @@ class TrainConfig:
                 p.append(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.val_max_batches < 0:
             p.append("train.num_workers and train.val_max_batches must not be negative")
+        if self.forgetting_tolerance < 0:
+            p.append(f"train.forgetting_tolerance must not be negative, got {self.forgetting_tolerance}")
         for k in STAGES:
             st = self.stage(k)
             if st.lr <= 0:
@@ -167,6 +178,8 @@ class TrainConfig:
                 p.append(f"train.stage{k}.max_steps must be at least 1 (or null), got {st.max_steps}")
             if st.max_steps is None and st.epochs <= 0:
                 p.append(f"train.stage{k}.epochs must be positive, got {st.epochs}")
+            if not 0 <= st.replay_ratio < 1:
+                p.append(f"train.stage{k}.replay_ratio must be in [0, 1), got {st.replay_ratio}")
         lo, hi = self.stage2.healthy_acc
         if not 0 <= lo < hi <= 1:
             p.append(f"train.stage2.healthy_acc must be [low, high] within [0, 1], got {list(self.stage2.healthy_acc)}")
@@ -732,6 +745,47 @@ def _budget_indices(ds, tcfg: TrainConfig, cfg, name: str, log) -> np.ndarray:
     return keep
 
 
+def _val_sampler(val_ds, idx: np.ndarray, tcfg: TrainConfig, cfg, dist: Dist):
+    """Fixed val batches over ``idx`` (at most ``val_max_batches``), None when they make none."""
+    from indextts.data import TokenBatchSampler
+
+    lengths = cfg.seq_len(val_ds.text_lengths, val_ds.lengths)
+    make = lambda keep: TokenBatchSampler(lengths, tcfg.max_tokens, max_batch_size=tcfg.max_batch_size,  # noqa: E731
+                                          shuffle=False, rank=dist.rank, world_size=dist.world_size, indices=keep)
+    sampler = make(idx)
+    vb = sampler.plan(0)
+    if tcfg.val_max_batches and len(vb) > tcfg.val_max_batches:
+        sampler = make(np.unique(vb.items[: vb.bounds[tcfg.val_max_batches]]))
+    return sampler if sampler.n_batches(0) else None
+
+
+def _val_groups(val_ds, val_idx: np.ndarray, tcfg: TrainConfig, cfg, dist: Dist) -> dict[str, tuple[Any, bool]]:
+    """The val samplers: ``""`` the main (non-replay) rows, whose losses are the headline ones,
+    and, when the val rows hold several languages, one per language: ``{name: (sampler, is a
+    base language)}``."""
+    replay = val_ds.replay[val_idx]
+    groups = {"": (_val_sampler(val_ds, val_idx[~replay], tcfg, cfg, dist) if (~replay).any() else None, False)}
+    codes = val_ds.language[val_idx]
+    if len(np.unique(codes)) > 1 or replay.any():
+        for code in np.unique(codes):
+            mine = codes == code
+            groups[val_ds.language_name(int(code))] = (_val_sampler(val_ds, val_idx[mine], tcfg, cfg, dist),
+                                                       bool(replay[mine].any()))
+    return {k: v for k, v in groups.items() if v[0] is not None}
+
+
+def forgetting_breaches(res: Mapping[str, float], start: Mapping[str, float] | None, base: Sequence[str],
+                        tolerance: float) -> list[tuple[str, float, float]]:
+    """The base languages whose val code loss rose more than ``tolerance`` (a share) above its
+    value at the stage's first validation: ``[(language, start loss, now)]``."""
+    out = []
+    for lang in base:
+        key = f"lang/{lang}/mel_loss"
+        if start and key in start and key in res and res[key] > start[key] * (1 + tolerance):
+            out.append((lang, float(start[key]), float(res[key])))
+    return out
+
+
 def _loss_terms(out, logits, batch, counts: torch.Tensor, cfg, alpha: float, world: int):
     """This micro-batch's share of the effective batch's loss (see the module doc) and its
     detached parts. ``counts`` = global [text targets, code targets, utterances]."""
@@ -860,7 +914,15 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     lengths = cfg.seq_len(train_ds.text_lengths, train_ds.lengths)
     sampler = TokenBatchSampler(lengths, tcfg.max_tokens, max_batch_size=tcfg.max_batch_size, seed=tcfg.seed,
                                 bucket_size=tcfg.bucket_size, rank=dist.rank, world_size=dist.world_size,
-                                indices=train_idx)
+                                indices=train_idx, replay=train_ds.replay, replay_ratio=settings.replay_ratio)
+    n_replay = int(train_ds.replay[train_idx].sum())
+    if n_replay:
+        log(f"replay: {n_replay} base-language train utterances; replay_ratio {settings.replay_ratio} "
+            + (f"(measured share of epoch 0's tokens {sampler.replay_share(0):.3f})" if settings.replay_ratio
+               else "(left out of training)"))
+    elif settings.replay_ratio:
+        log(f"note: train.stage{stage}.replay_ratio is {settings.replay_ratio}, but there are no base-language "
+            "(data.replay) train utterances: nothing is replayed")
     per_epoch = sampler.n_batches(0)
     if per_epoch == 0:
         raise PreflightError(f"train: {len(train_idx)} utterances make fewer batches than {dist.world_size} GPUs")
@@ -868,23 +930,18 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     log(f"train: {per_epoch} micro-batches per epoch per rank, padding efficiency "
         f"{sampler.padding_efficiency(0):.3f}; {total} steps x {tcfg.grad_accum} micro-batches x {dist.world_size} rank(s)")
     loader = make_loader(train_ds, sampler, num_workers=tcfg.num_workers, pin=device.type == "cuda", seed=tcfg.seed)
-    val_loader = val_sampler = None
+    # Val loaders: "" the main rows (the headline losses), and one per language when there are
+    # several; base (replay) languages are watched by the forgetting guard.
+    val_sets: dict[str, tuple[Any, Any]] = {}
+    base_languages: list[str] = []
     if val_ds is not None:
         val_idx = _budget_indices(val_ds, tcfg, cfg, "val", log)
-        val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
-                                        max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
-                                        world_size=dist.world_size, indices=val_idx)
-        vb = val_sampler.plan(0)
-        if tcfg.val_max_batches and len(vb) > tcfg.val_max_batches:
-            keep = np.unique(vb.items[: vb.bounds[tcfg.val_max_batches]])
-            val_sampler = TokenBatchSampler(cfg.seq_len(val_ds.text_lengths, val_ds.lengths), tcfg.max_tokens,
-                                            max_batch_size=tcfg.max_batch_size, shuffle=False, rank=dist.rank,
-                                            world_size=dist.world_size, indices=keep)
-        if val_sampler.n_batches(0) == 0:
-            val_sampler = None
-        else:
-            val_loader = make_loader(val_ds, val_sampler, num_workers=tcfg.num_workers, pin=device.type == "cuda",
-                                     seed=tcfg.seed)
+        for name, (vs, is_base) in _val_groups(val_ds, val_idx, tcfg, cfg, dist).items():
+            val_sets[name] = (make_loader(val_ds, vs, num_workers=tcfg.num_workers, pin=device.type == "cuda",
+                                          seed=tcfg.seed), vs)
+            if is_base:
+                base_languages.append(name)
+    val_loader = val_sets[""][0] if "" in val_sets else None
 
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(objective, tcfg.weight_decay), lr=settings.lr, betas=tcfg.betas,
@@ -913,10 +970,16 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         resume = Path(box[0]) if box[0] else None
 
     step, epoch, batch_pos, last_val_step, first_val = 0, 0, 0, -1, None
+    # The forgetting guard's best state (forgetting: stop): the lowest main val loss so far, its
+    # step and (in memory, on the CPU) its weights. A resumed run starts from the resumed weights.
+    best_val, best_weights, stopped = None, None, None
     if resume is not None:
         info = load_state(resume, objective=objective, optimizer=optimizer, scheduler=scheduler, dist=dist)
         step, epoch, batch_pos = info["step"], info["epoch"], info["batch"]
         last_val_step, first_val = info.get("last_val_step", -1), info.get("first_val")
+        if tcfg.forgetting == "stop":  # the resumed weights stand until a validation beats them
+            best_val = {"step": step, "loss": math.inf}
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
         log(f"resuming from {resume} at step {step} (epoch {epoch}, batch {batch_pos})")
     else:
         torch.manual_seed(tcfg.seed + 100 * stage + dist.rank)  # dropout stream, per rank
@@ -950,10 +1013,33 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     steps_done = 0
 
     def run_val() -> dict[str, float]:
-        res = evaluate(objective, val_loader, val_sampler, device, autocast, dist) if val_loader is not None else {}
+        nonlocal best_val, best_weights, stopped
+        res = {}
+        for name, (vl, vs) in val_sets.items():
+            got = evaluate(objective, vl, vs, device, autocast, dist)
+            if name == "":
+                res.update(got)
+            else:
+                res.update({f"lang/{name}/{k}": got[k] for k in ("text_loss", "mel_loss") if k in got})
         if res:
             metrics.write({"step": step, "split": "val", **{k: round(v, 6) for k, v in res.items()}})
             log(f"val @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        if not base_languages or "loss" not in res:
+            return res
+        breaches = forgetting_breaches(res, first_val, base_languages, tcfg.forgetting_tolerance)
+        for lang, was, now in breaches:
+            warning = (f"forgetting: the base language {lang!r} val code loss rose {100 * (now / was - 1):.1f}% "
+                       f"({was:.4f} -> {now:.4f}), above train.forgetting_tolerance={tcfg.forgetting_tolerance}")
+            metrics.write({"step": step, "split": "guard", "language": lang, "start_mel_loss": round(was, 6),
+                           "mel_loss": round(now, 6), "warning": warning})
+            log(f"WARNING step {step}: {warning}")
+        if tcfg.forgetting == "stop":
+            if breaches:
+                stopped = {"step": step, "best_step": best_val["step"] if best_val else step,
+                           "languages": [b[0] for b in breaches]}
+            elif best_val is None or res["loss"] < best_val["loss"]:
+                best_val = {"step": step, "loss": res["loss"]}
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in objective.state_dict().items()}
         return res
 
     try:
@@ -1020,13 +1106,23 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
             if val_loader is not None and (step % tcfg.val_every == 0 or step == total) and last_val_step != step:
                 run_val()
                 last_val_step = step
+            if stopped is not None:
+                break
             if step % tcfg.state_every == 0 or step == total:
                 save_state(state_root, step=step, objective=objective, optimizer=optimizer, scheduler=scheduler,
                            position=position, fp=fp, dist=dist, keep=tcfg.keep_states,
                            extra={"last_val_step": last_val_step, "first_val": first_val})
             if stop_after and step == stop_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        final_val = run_val() if val_loader is not None and last_val_step != step else _last_val(state_root / METRICS)
+        if stopped is None:
+            final_val = run_val() if val_loader is not None and last_val_step != step else _last_val(state_root / METRICS)
+        if stopped is not None:
+            log(f"forgetting: stage {stage} stopped at step {stopped['step']} ({', '.join(stopped['languages'])} "
+                f"degraded); keeping the weights of step {stopped['best_step']}, the lowest main-language val loss "
+                "before the breach (train.forgetting: stop)")
+            if best_weights is not None:
+                objective.load_state_dict(best_weights)
+            final_val = _last_val(state_root / METRICS, stopped["best_step"])
     finally:
         progress.close()
         metrics.close()
@@ -1051,6 +1147,8 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
                      "padding_efficiency": round(sampler.padding_efficiency(0), 4)},
             "first_val": first_val, "final_val": final_val,
         }
+        if stopped is not None:
+            extra["forgetting_stop"] = stopped
         if classifier is not None:
             extra["classifier"] = {"file": CLASSIFIER, "n_speakers": max(speakers.values()) + 1}
         # The released files a semantic-code stage speaks through (pretrained.s2mel, campplus,
@@ -1067,17 +1165,18 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         save_checkpoint(out_dir, model, model_cfg=cfg, vocab_path=inputs.bpe, text_cfg=section_record(config, "text"),
                         codec_cfg=section_record(config, "codec"), stage=f"stage{stage}",
                         training_type=settings.training_type, parent_sha256=parent_sha, data_index_sha256=codes_sha,
-                        step=total, extra=extra)
+                        step=stopped["best_step"] if stopped else total, extra=extra)
         log(f"wrote {out_dir} (vocab {vocab_info(inputs.bpe)['n_pieces']} pieces)")
     _barrier(dist)
     return out_dir
 
 
-def _last_val(path: Path) -> dict[str, float] | None:
+def _last_val(path: Path, step: int | None = None) -> dict[str, float] | None:
+    """The last val record of ``metrics.jsonl`` (the one of ``step`` when given)."""
     if not path.is_file():
         return None
     vals = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    vals = [v for v in vals if v.get("split") == "val"]
+    vals = [v for v in vals if v.get("split") == "val" and (step is None or v.get("step") == step)]
     return {k: v for k, v in vals[-1].items() if k not in ("step", "split")} if vals else None
 
 

@@ -91,11 +91,14 @@ def _processor(model_bytes: bytes):
 
 
 def read_texts(clean_parquet: str | Path, split: str) -> list[str]:
-    """The normalised transcripts of one split of ``clean.parquet``."""
-    table = pq.read_table(clean_parquet, columns=["text", "split"])
+    """The normalised transcripts of one split of ``clean.parquet``, the new language's only:
+    base-language rows (``replay``) neither train the vocabulary nor enter its report."""
+    names = pq.read_schema(clean_parquet).names
+    table = pq.read_table(clean_parquet, columns=["text", "split", *(["replay"] if "replay" in names else [])])
     texts = table.column("text").to_pylist()
     splits = table.column("split").to_pylist()
-    return [t for t, s in zip(texts, splits) if s == split and t]
+    replay = table.column("replay").to_pylist() if "replay" in names else [False] * len(texts)
+    return [t for t, s, r in zip(texts, splits, replay) if s == split and t and not r]
 
 
 def _train(texts: list[str], cfg: VocabConfig, vocab_size: int) -> bytes:

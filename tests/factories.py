@@ -20,15 +20,17 @@ def make_bpe(path: Path, lines: list[str], vocab_size: int) -> Path:
 
 
 def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, n_q: int = 2, codebook: int = 32,
-                      seed: int = 0, durations: tuple[float, float] = (0.5, 1.0), words_per_second: float = 0.0
-                      ) -> dict[str, Path]:
+                      seed: int = 0, durations: tuple[float, float] = (0.5, 1.0), words_per_second: float = 0.0,
+                      replay_speakers: int = 0) -> dict[str, Path]:
     """A small training corpus written with the project's own writers: audio (tones + noise, a
     pitch per speaker), ``clean.parquet`` (one val utterance per speaker), a ``train_vocab``
     vocabulary, one codes shard whose codes follow the audio (frame energy and pitch bins, so a
     model has something to learn) with its ``index_codes`` index, and ``speakers.json``.
 
     ``durations`` spans the clip lengths (s); ``words_per_second`` > 0 makes transcripts that long
-    (else 3-5 words). Returns paths under keys clean, bpe, index, shard, speakers.
+    (else 3-5 words). ``replay_speakers`` adds that many speakers of a base language ``"en"``
+    (rows flagged ``replay``, other words, codebook 0 inverted: what training on the main rows
+    teaches makes them worse). Returns paths under keys clean, bpe, index, shard, speakers.
     """
     import json
     import math
@@ -40,12 +42,14 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
 
     sr, frame_rate = 16000, 50.0
     words = "selam new dehna alem bet sew wuha mengist tsehay lij".split()
+    base_words = "the house is a good day for all of us".split()
     emotions = ["neutral", "happy", "sad"]
     rng = np.random.default_rng(seed)
     audio = root / "audio"
     audio.mkdir(parents=True)
     rows, codes_by_id = [], {}
-    for s in range(n_speakers):
+    for s in range(n_speakers + replay_speakers):
+        base = s >= n_speakers
         for j in range(per_speaker):
             k = s * per_speaker + j
             dur = round(durations[0] + (durations[1] - durations[0]) * ((k * 7) % 11) / 10, 3)
@@ -57,17 +61,20 @@ def make_train_corpus(root: Path, *, n_speakers: int = 3, per_speaker: int = 8, 
             path = audio / f"s{s}_u{j}.wav"
             sf.write(path, wave.astype(np.float32), sr)
             n_words = max(3 + j % 3, int(words_per_second * dur))
-            text = " ".join(rng.choice(words, size=n_words))
+            text = " ".join(rng.choice(base_words if base else words, size=n_words))
             utt = f"s{s}_u{j:02d}"
             frames = math.ceil(dur * frame_rate)
             fe = np.array([env[min(n - 1, int(i * sr / frame_rate))] for i in range(frames)])
             cb0 = np.minimum((fe * (codebook - 1)).astype(np.int64), codebook - 1)
+            if base:
+                cb0 = codebook - 1 - cb0
             rest = [(cb0 * (q + 3) + s + q) % codebook for q in range(1, n_q)]
             codes_by_id[utt] = np.stack([cb0, *rest]).astype(np.int16)
             rows.append({
                 "utt_id": utt, "audio_path": str(path), "text": text, "raw_text": text, "speaker": f"spk{s}",
                 "language": "am", "emotion": emotions[j % 3], "duration": dur, "sample_rate": sr, "channels": 1,
                 "split": "val" if j == per_speaker - 1 else "train",
+                **({"language": "en", "replay": True} if base else {}),
             })
     clean = write_clean(root / "clean.parquet", rows)
     vocab = train_vocab(VocabConfig(vocab_size=40, max_unk_ratio=0.5, num_threads=1), clean, root / "vocab")
@@ -116,6 +123,9 @@ def write_clean(path: Path, rows: list[dict]) -> Path:
         ("utt_id", pa.string()), ("audio_path", pa.string()), ("text", pa.string()), ("raw_text", pa.string()),
         ("speaker", pa.string()), ("language", pa.string()), ("emotion", pa.string()), ("duration", pa.float64()),
         ("sample_rate", pa.int32()), ("channels", pa.int8()), ("split", pa.string())])
+    if any("replay" in r for r in rows):
+        schema = schema.append(pa.field("replay", pa.bool_()))
+        rows = [{"replay": False, **r} for r in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 

@@ -187,6 +187,35 @@ def test_numpy_samplers_give_the_legacy_batches(world_size):
             assert new.batches() == old.batches() and list(new) == old.batches() and len(new) == len(old)
 
 
+def test_replay_rows_take_their_share_of_tokens_and_leave_ratio_zero_batches_unchanged():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(20, 400, size=3000)
+    replay = np.zeros(len(lengths), dtype=bool)
+    replay[rng.choice(len(lengths), size=600, replace=False)] = True
+    main = np.flatnonzero(~replay)
+    kw = dict(max_tokens=1500, max_batch_size=16, bucket_size=200, seed=7)
+    # ratio 0: the replay rows are left out and the batches are those of the main rows alone
+    zero = TokenBatchSampler(lengths, replay=replay, replay_ratio=0.0, **kw)
+    assert zero.all_batches(3) == TokenBatchSampler(lengths, indices=main, **kw).all_batches(3)
+    no_replay = TokenBatchSampler(lengths, replay=np.zeros(len(lengths), dtype=bool), replay_ratio=0.3, **kw)
+    assert no_replay.all_batches(0) == TokenBatchSampler(lengths, **kw).all_batches(0)
+    for ratio in (0.05, 0.1, 0.3):
+        s = TokenBatchSampler(lengths, replay=replay, replay_ratio=ratio, **kw)
+        for epoch in (0, 1):
+            batches = s.all_batches(epoch)
+            flat = np.concatenate(batches)
+            share = lengths[flat][replay[flat]].sum() / lengths[flat].sum()
+            assert abs(share - ratio) <= 0.02 and share == pytest.approx(s.replay_share(epoch))
+            assert all(len(b) * lengths[b].max() <= kw["max_tokens"] for b in batches)  # the bound holds
+            assert sorted(flat[~replay[flat]].tolist()) == main.tolist()  # every main row once
+            assert any(replay[b].any() and (~replay[b]).any() for b in batches)  # mixed into batches
+        # a function of (seed, epoch): a resumed run (set_epoch with a start) sees the same batches
+        again = TokenBatchSampler(lengths, replay=replay, replay_ratio=ratio, **kw)
+        again.set_epoch(1, 4)
+        assert [[i for _, i in b] for b in again] == s.all_batches(1)[4:]
+        assert s.all_batches(0) != s.all_batches(1)
+
+
 def test_a_million_utterance_epoch_is_planned_in_arrays():
     """An epoch of 1M utterances is two int arrays (no Python object per item); every batch is
     within the token and count bounds, and the 8 ranks share the batches out exactly."""

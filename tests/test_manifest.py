@@ -102,6 +102,25 @@ def test_per_manifest_column_override_and_language(tmp_path):
     assert len(clean) == 2 and set(clean["language"]) == {"ti"}
 
 
+def test_replay_manifests_are_cleaned_alike_and_flagged_with_their_language(tmp_path):
+    main = write_jsonl(tmp_path / "main.jsonl", good_rows(tmp_path))
+    base = tmp_path / "base"
+    base.mkdir()
+    rows = [{"id": f"b{i}", "audio": f"b{i}.wav", "text": "The HOUSE is good.", "speaker": "en0"} for i in range(3)]
+    for i in range(3):
+        wav(base / f"b{i}.wav", 1.0 + 0.5 * i)
+    rows.append({"id": "b3", "audio": "gone.wav", "text": "gone", "speaker": "en0"})  # the same rules apply
+    replay = write_jsonl(base / "en.jsonl", rows)
+    data = DataConfig(manifests=(str(main),), replay=(ManifestSpec(str(replay), language="en"),))
+    clean, rejects, summary = run(tmp_path, [], data=data)
+    assert clean["replay"].tolist() == [False] * 6 + [True] * 3
+    assert set(clean.loc[clean["replay"], "language"]) == {"en"} and set(clean.loc[~clean["replay"], "language"]) == {"am"}
+    assert clean.loc[clean["replay"], "text"].tolist() == ["the house is good."] * 3  # normalised alike
+    assert rejects["reason"].tolist() == ["missing_file"] and summary["kept"] == 9
+    with pytest.raises(ManifestError, match="data.replay entries need their language"):
+        run(tmp_path, [], data=DataConfig(manifests=(str(main),), replay=(str(replay),)))
+
+
 def test_missing_required_column_is_an_error_naming_file_and_key(tmp_path):
     rows = good_rows(tmp_path, 2)
     m = write_jsonl(tmp_path / "m.jsonl", [{k: v for k, v in r.items() if k != "speaker"} for r in rows])

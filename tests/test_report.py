@@ -156,6 +156,22 @@ def test_stage_plots_and_summary_from_metrics(tmp_path: Path) -> None:
     assert "Transfer report" in page and "mel_embedding.weight" in page and "[18, 1280] here" in page
 
 
+def test_stage_plot_draws_each_language_and_the_forgetting_warnings(tmp_path: Path) -> None:
+    metrics, meta = write_stage(tmp_path, 1)
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    val = [r for r in rows if r.get("split") == "val"]
+    for k, r in enumerate(val):
+        r.update({"lang/am/mel_loss": r["mel_loss"], "lang/en/mel_loss": 2.0 + 0.3 * k})
+    rows.append({"step": val[-1]["step"], "split": "guard", "language": "en", "start_mel_loss": 2.0,
+                 "mel_loss": 2.0 + 0.3 * (len(val) - 1), "warning": "forgetting: the base language 'en' val code loss rose"})
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    report_stage(ReportConfig(format="svg"), 1, metrics=metrics, meta=meta, losses=out / "l.svg", summary=out / "s.html")
+    svg = (out / "l.svg").read_text()
+    assert "codes, en (val)" in svg and "codes, am (val)" in svg and "forgetting warning" in svg
+    assert "forgetting: the base language" in (out / "s.html").read_text()
+
+
 def test_samples_page_plays_every_clip_and_links_back(tmp_path: Path) -> None:
     tables = sample_tables(tmp_path)
     page = report_samples(tables, tmp_path / "page", prompt_seconds=2.5)

@@ -78,6 +78,7 @@ def _runtime_knobs(c):
 CASES = [
     Case("stage3-lr", after_training(3), config=lambda c: c["train"]["stage3"].update(lr=3.0e-4)),
     Case("stage1-steps", ALL_STAGES, config=lambda c: c["train"]["stage1"].update(max_steps=20)),
+    Case("stage2-replay-ratio", after_training(2, 3), config=lambda c: c["train"]["stage2"].update(replay_ratio=0.1)),
     Case("codec", EXTRACTION | ALL_STAGES | SCORES, config=lambda c: c["codec"].update(n_quantizers=2)),
     # Another demo codec: new codes and all that reads them, never a new corpus.
     Case("demo-codec", {"make_demo_codec": 1} | EXTRACTION | ALL_STAGES | SCORES,

@@ -425,6 +425,22 @@ def test_sample_set_draws_held_out_prompts_and_cross_pairs(tmp_path: Path) -> No
         select_samples(cfg, clean_table(tmp_path / "none.parquet", {"a": 1}))
 
 
+def test_base_language_replay_rows_are_never_the_new_language_samples(tmp_path: Path) -> None:
+    """data.replay rows (clean.parquet's replay column) are base-language speech: not drawn as
+    same, cross or novel samples, nor as their prompts."""
+    import pandas as pd
+
+    from indextts.synthesize import SamplesConfig, select_samples
+
+    path = clean_table(tmp_path / "clean.parquet", {"a": 3, "b": 3, "en": 6})
+    frame = pd.read_parquet(path)
+    frame["replay"] = frame["speaker"] == "en"
+    frame.to_parquet(path)
+    t = select_samples(SamplesConfig(n_same=4, n_cross=2, seed=0), path)
+    used = set(t["speaker"]) | set(t["emotion_speaker"])
+    assert used <= {"a", "b"} and not t["speaker_prompt"].str.contains("/en_").any(), t
+
+
 def test_novel_samples_read_texts_never_trained_on_and_the_others_known_ones(tmp_path: Path) -> None:
     import pandas as pd
 

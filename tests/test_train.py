@@ -396,3 +396,97 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(corp
     assert "non-finite" in msg and "step 5" in msg and "step-00000003" in msg and "lr" in msg
     assert [p.name for p in (out / "state").glob("step-*")] == ["step-00000003"]
     assert not (out / "model.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Base-language replay, per-language validation and the forgetting guard
+
+REPLAY_VAL = {"val_every": 2, "state_every": 2, "keep_states": 10}
+
+
+@pytest.fixture(scope="module")
+def replay_corpus(tmp_path_factory) -> dict[str, Path]:
+    """The factory corpus plus two speakers of a base language ("en", rows flagged replay); its
+    main rows, vocabulary and their pack positions are those of ``corpus``."""
+    return make_train_corpus(tmp_path_factory.mktemp("replay"), replay_speakers=2)
+
+
+def _plant_forgetting(mp: pytest.MonkeyPatch, after: int) -> None:
+    """From the base-language validation number ``after + 1`` on, its code loss reads 1.5x higher
+    (a planted degradation: the guard is what is under test, not whether this tiny model forgets)."""
+    import indextts.train as tr
+
+    real, seen = tr.evaluate, [0]
+
+    def planted(objective, loader, sampler, *args, **kw):
+        res = real(objective, loader, sampler, *args, **kw)
+        if loader.dataset.replay[sampler.indices].all():
+            seen[0] += 1
+            if seen[0] > after:
+                res = {**res, "mel_loss": res["mel_loss"] * 1.5}
+        return res
+
+    mp.setattr(tr, "evaluate", planted)
+
+
+@pytest.fixture(scope="module")
+def warned(replay_corpus, tmp_path_factory, one_torch_thread) -> Path:
+    """Stage 1 on the replay corpus, replay_ratio 0, forgetting: warn, with the base language's
+    val code loss planted to rise from the validation at step 4 on."""
+    out = tmp_path_factory.mktemp("warn") / "stage1"
+    with pytest.MonkeyPatch.context() as mp:
+        _plant_forgetting(mp, after=2)  # validations at steps 0, 2, 4, ...
+        train_stage(cfg_with(**REPLAY_VAL), 1, inputs(replay_corpus, out))
+    return out
+
+
+def test_replay_at_ratio_zero_and_the_warn_guard_train_exactly_as_without_them(warned, stage1):
+    assert_same_weights(warned, stage1)
+    rows = metrics(warned)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait")}  # noqa: E731
+                        for r in rs if r["split"] == "train"]
+    assert strip(rows) == strip(metrics(stage1))
+    val = {r["step"]: r for r in rows if r["split"] == "val"}
+    ref = {r["step"]: r for r in metrics(stage1) if r["split"] == "val"}
+    for step, r in ref.items():  # the headline val losses are the main rows', as before
+        assert {k: val[step][k] for k in r} == {**r}
+    for r in val.values():  # and each language's, the base one included
+        assert r["lang/am/mel_loss"] == r["mel_loss"] and r["lang/am/text_loss"] == r["text_loss"]
+        assert "lang/en/mel_loss" in r and "lang/en/text_loss" in r
+    guard = [r for r in rows if r["split"] == "guard"]
+    assert [r["step"] for r in guard] == [4, 6, 8] and {r["language"] for r in guard} == {"en"}
+    assert all("forgetting" in r["warning"] and r["mel_loss"] > 1.1 * r["start_mel_loss"] for r in guard)
+    assert json.loads((warned / "model.json").read_text())["step"] == 8
+
+
+def test_forgetting_stop_ends_the_stage_and_keeps_its_best_weights(replay_corpus, warned, tmp_path, monkeypatch,
+                                                                   one_torch_thread):
+    out = tmp_path / "stage1"
+    _plant_forgetting(monkeypatch, after=3)  # the breach is at step 6
+    train_stage(cfg_with(forgetting="stop", **REPLAY_VAL), 1, inputs(replay_corpus, out))
+    rows = metrics(out)
+    assert max(r["step"] for r in rows if r["split"] == "train") == 6  # stopped there
+    assert [(r["step"], r["language"]) for r in rows if r["split"] == "guard"] == [(6, "en")]
+    # best: the lowest main val loss among the validations before the breach (steps 0, 2, 4)
+    before = [r for r in rows if r["split"] == "val" and r["step"] < 6]
+    best = min(before, key=lambda r: r["loss"])["step"]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["step"] == best and meta["extra"]["forgetting_stop"] == {"step": 6, "best_step": best, "languages": ["en"]}
+    assert meta["extra"]["final_val"]["loss"] == min(r["loss"] for r in before)
+    # the same weights as the warn run had at that step (training is the same up to the breach)
+    state = load_file(str(warned / "state" / f"step-{best:08d}" / "weights.safetensors"))
+    got = weights(out)
+    assert all(torch.equal(got[k], state[f"model.{k}"]) for k in got)
+
+
+def test_resume_after_sigkill_is_bit_identical_with_replay(replay_corpus, tmp_path):
+    config = cfg_with(stage1={"replay_ratio": 0.3})
+    ref = tmp_path / "ref"
+    proc = run_cli(replay_corpus, ref, 1, config)
+    assert "replay: 14 base-language train utterances; replay_ratio 0.3" in proc.stdout
+    out = tmp_path / "stage1"
+    killed = run_cli(replay_corpus, out, 1, cfg_with(num_workers=1, stage1={"replay_ratio": 0.3}), kill_after=5)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(replay_corpus, out, 1, config)
+    assert "at step 3 (epoch" in resumed.stdout
+    assert_same_weights(out, ref)

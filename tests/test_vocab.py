@@ -80,3 +80,22 @@ def test_encoded_piece_round_trips_through_sentencepiece(tmp_path):
     extended = base.read_bytes() + encode_piece("▁ሰላም", -1000.0)
     sp = spm.SentencePieceProcessor(model_proto=extended)
     assert sp.id_to_piece(30) == "▁ሰላም" and sp.get_score(30) == -1000.0
+
+
+def test_replay_rows_train_no_piece_and_tokenise_as_with_the_base_model(tmp_path):
+    # Base-language rows of data.replay sit in clean.parquet beside the new language's: they do not
+    # train the vocabulary, and extend mode keeps every base piece, so they tokenise as before.
+    base = train_vocab(VocabConfig(vocab_size=40, num_threads=1), corpus(tmp_path / "l.parquet", sentences("abcdefgh", 200)), tmp_path / "base").model
+    main, replay = sentences(GEEZ, 300), sentences("abcdefgh", 100, seed=5)
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"text": main + replay, "split": ["val" if i % 10 == 0 else "train" for i in range(400)],
+                             "replay": [False] * 300 + [True] * 100}), mixed)
+    cfg = VocabConfig(mode="extend", base_model=str(base), vocab_size=190, num_threads=1)
+    out = train_vocab(cfg, mixed, tmp_path / "ext")
+    alone = train_vocab(cfg, corpus(tmp_path / "main.parquet", main), tmp_path / "alone")
+    assert out.model.read_bytes() == alone.model.read_bytes()  # the replay rows changed nothing
+    old = spm.SentencePieceProcessor(model_file=str(base))
+    new = spm.SentencePieceProcessor(model_file=str(out.model))
+    assert all(old.id_to_piece(i) == new.id_to_piece(i) for i in range(old.get_piece_size()))
+    assert all(new.encode(t) == old.encode(t) for t in replay)
+    assert json.loads(out.report.read_text())["val_utterances"] == 30  # the main val rows only
