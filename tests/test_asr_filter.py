@@ -123,7 +123,7 @@ def _pre_asr(path, rows):
         "utt_id": [r[0] for r in rows], "audio_path": [f"/a/{r[0]}.wav" for r in rows], "text": [r[1] for r in rows],
         "raw_text": [r[1] for r in rows], "speaker": ["s1"] * len(rows), "language": ["en"] * len(rows),
         "emotion": [None] * len(rows), "duration": [2.0] * len(rows), "sample_rate": [16000] * len(rows),
-        "channels": [1] * len(rows), "split": [r[2] for r in rows],
+        "channels": [1] * len(rows), "replay": [False] * len(rows), "split": [r[2] for r in rows],
     }).cast(CLEAN_SCHEMA)
     pq.write_table(table, path)
     return table
