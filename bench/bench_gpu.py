@@ -10,7 +10,7 @@ sizes with random weights; writes its table to BENCHMARKS.md.
    (400-600 code frames, 60-100 text ids, 6 s prompts), padded to fixed shapes; eager, then with
    ``torch.compile(dynamic=True)`` as ``train.compile`` does. Reported: non-pad tokens/s (text +
    code targets, the trainer's count), MFU (``indextts.model.flops``: GPT positions/s x FLOPs per
-   position against the device's dense bf16 peak, :data:`PEAK_BF16`) and peak memory.
+   position against the device's dense bf16 peak, :data:`indextts.model.flops.PEAK_BF16`) and peak memory.
 2. Extraction in x real time: DAC at the released 16 kHz size (12 codebooks of 1024, random
    weights) through the pipeline's exact batched encoder, fp32; w2v-BERT 2.0 to layer 17 + the
    MaskGCT semantic codec (random weights, fp32 and bf16 w2v-BERT), the device part (the fbank
@@ -43,37 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchmarks_md import write_section  # noqa: E402
 from indextts.model import build_model, model_config  # noqa: E402
-from indextts.model.flops import flops_per_token  # noqa: E402
+from indextts.model.flops import flops_per_token, peak_bf16  # noqa: E402
 
 BEGIN, END = "<!-- bench_gpu.py: begin -->", "<!-- bench_gpu.py: end -->"
 ANCHOR = "<!-- bench_data.py: end -->"
 FRAME_RATE = 50.0
-
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of
-# torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
-PEAK_BF16: list[tuple[str, float]] = [
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM / HBM3
-    ("H800", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 6000 Ada", 365e12),
-    ("A6000", 155e12),
-]
-
-
-def peak_bf16(name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
 def _millions(n: int) -> str:

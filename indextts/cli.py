@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack-codes": ("indextts.pack", "the training data cache of the code shards (memory-mappable numpy files)"),
     "tokenize-text": ("indextts.pack", "the codes pack's text as ids of one vocabulary (the cache training reads)"),
     "validate": ("indextts.validate", "check data, vocab and model end to end before training"),
-    "train": ("indextts.train", "train one stage (1, 2 or 3); resumes from its saved state"),
+    "train": ("indextts.train.cli", "train one stage (1, 2 or 3); resumes from its saved state"),
     "import-gpt": ("indextts.pretrained", "import an official gpt.pth into our checkpoint format"),
     "export-gpt": ("indextts.pretrained", "export a checkpoint to the official gpt.pth layout"),
     "synthesize": ("indextts.synthesize", "text in, WAV out, from one checkpoint folder (or a list)"),

@@ -4,7 +4,7 @@
 # identity of what training runs; worker counts, log interval and progress stay out (RUNTIME).
 
 TRAIN_CODE = code_id(
-    "train",
+    "train/",
     "data",
     "dataset",
     "pack",

@@ -86,7 +86,7 @@ CASES = [
     # index_codes' own check: the index and what reads it, not the shards.
     Case("frame-tolerance", {"index_codes": 1, "validate_pipeline": 1} | ALL_STAGES,
          config=lambda c: c["codes"].update(frame_tolerance=3.0)),
-    Case("train-module", ALL_STAGES, module="train.py"),
+    Case("train-module", ALL_STAGES, module="train/recipe.py"),
     Case("forcerun-stage2", after_training(2, 3), args=("--forcerun", "train_stage2")),
     Case("until-select-speakers", {"demo_corpus": 1, "clean_manifest": 1, "select_speakers": 1},
          args=("--until", "select_speakers"), fresh=True),

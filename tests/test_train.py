@@ -414,7 +414,7 @@ def replay_corpus(tmp_path_factory) -> dict[str, Path]:
 def _plant_forgetting(mp: pytest.MonkeyPatch, after: int) -> None:
     """From the base-language validation number ``after + 1`` on, its code loss reads 1.5x higher
     (a planted degradation: the guard is what is under test, not whether this tiny model forgets)."""
-    import indextts.train as tr
+    import indextts.train.validation as tr
 
     real, seen = tr.evaluate, [0]
 

@@ -17,15 +17,32 @@ from __future__ import annotations
 
 from indextts.model.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, for the mfu() denominator.
-PEAK_FLOPS: dict[str, float] = {
-    "A100": 312e12,
-    "H100-SXM": 989e12,
-    "H100-PCIe": 756e12,
-    "H200": 989e12,
-    "L40S": 362e12,
-    "RTX4090": 165e12,
-}
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
+PEAK_BF16: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 6000 Ada", 365e12),
+    ("A6000", 155e12),
+]
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak of a device by its ``torch.cuda.get_device_name()``; None if unknown."""
+    return next((v for k, v in PEAK_BF16 if k in device_name), None)
 
 
 def per_token_params(cfg: ModelConfig) -> int:
@@ -49,7 +66,7 @@ def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, peak_flops: float) 
             summed over all devices whose peaks ``peak_flops`` sums.
         cfg: the model config.
         seq_len: mean GPT sequence length (prefix + text + codes) of the batches.
-        peak_flops: e.g. ``PEAK_FLOPS["H100-SXM"] * world_size``.
+        peak_flops: e.g. ``peak_bf16("NVIDIA H100 80GB HBM3") * world_size``.
     """
     if peak_flops <= 0:
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
