@@ -522,7 +522,8 @@ def report_samples(tables: Mapping[int, Path], out_dir: Path, *, prompt_seconds:
             "<p>Each stage speaks the same texts (val utterances: their recordings were never trained on) with "
             "held-out prompts of the same speaker (<i>same</i>), in one speaker's timbre with another speaker's "
             "emotion prompt (<i>cross</i>), and, where clean.val_text_fraction holds texts out, texts training never "
-            f"saw (<i>novel</i>). Prompts play as the model heard them (their first {prompt_seconds:g} s). RTF: wall time "
+            "saw (<i>novel</i>), and, with data.replay, texts in the languages the pretrained model already speaks "
+            f"(<i>base</i>). Prompts play as the model heard them (their first {prompt_seconds:g} s). RTF: wall time "
             "of the batch over the audio it produced.</p>"]
     for stage in sorted(tables):
         table = pd.read_csv(tables[stage], sep="\t", dtype=str, keep_default_na=False)
@@ -638,7 +639,8 @@ def eval_page(summaries: Mapping[int, Mapping[str, Any]], probes: Mapping[int, M
             body.append(f'<p class="warn"><b>Stage {s} does not yet speak the text:</b> {_esc(why)}</p>')
     body.append(
         "<p>Each stage's samples (val utterances, whose recordings were never trained on; <i>novel</i> ones read "
-        "texts training never saw) are scored against the real recording of the same "
+        "texts training never saw; <i>base</i> ones are in a base language, scored in the by-kind table only, never "
+        "in the headline) are scored against the real recording of the same "
         "text. <b>Topline</b>: that recording through the codec, with the codebooks the model learns (the best any "
         "model on these codes can do). <b>Floor</b>: a real recording of the same speaker with another text (what "
         "a model that learned nothing of the text scores). <b>Real</b>: the recording itself (the ASR's own error, "

@@ -111,13 +111,16 @@ class SamplesConfig:
     stages: tuple[int, ...] = (1, 2, 3)  # training stages that get samples
     seed: int = 0  # which utterances are drawn
     n_novel: int = 0  # val texts never in train (clean.val_text_fraction), with a same-speaker prompt
+    # Base-language val texts (data.replay rows), with a same-speaker prompt: whether the languages
+    # the pretrained model already speaks still work after each stage.
+    n_base: int = 0
 
     def __post_init__(self) -> None:
         p = []
-        counts = (self.n_same, self.n_cross, self.n_novel)
+        counts = (self.n_same, self.n_cross, self.n_novel, self.n_base)
         if min(counts) < 0 or sum(counts) < 1:
-            p.append(f"samples.n_same, n_cross and n_novel must be >= 0 with at least one sample, got "
-                     f"{self.n_same}, {self.n_cross} and {self.n_novel}")
+            p.append(f"samples.n_same, n_cross, n_novel and n_base must be >= 0 with at least one sample, got "
+                     f"{self.n_same}, {self.n_cross}, {self.n_novel} and {self.n_base}")
         bad = [s for s in self.stages if s not in (1, 2, 3)]
         if bad or len(set(self.stages)) != len(self.stages):
             p.append(f"samples.stages must be distinct stages among 1, 2, 3, got {list(self.stages)}")
@@ -125,16 +128,21 @@ class SamplesConfig:
             raise ConfigError("invalid config:\n  " + "\n  ".join(p))
 
     def names(self) -> list[str]:
-        """The sample names, in order: ``same-00`` ..., ``cross-00`` ..., ``novel-00`` ... (the
-        WAV file stems)."""
-        return sample_names(self.n_same, self.n_cross, self.n_novel)
+        """The sample names, in order: ``same-00`` ..., ``cross-00`` ..., ``novel-00`` ...,
+        ``base-00`` ... (the WAV file stems)."""
+        return sample_names(self.n_same, self.n_cross, self.n_novel, self.n_base)
 
 
-def sample_names(n_same: int, n_cross: int, n_novel: int = 0) -> list[str]:
-    """``same-00 .. same-{n_same-1}``, then ``cross-00 ..``, then ``novel-00 ..``;
+# The sample kinds, in the order of their names; the headline scores are those of the new
+# language's kinds (every kind but ``base``).
+SAMPLE_KINDS = ("same", "cross", "novel", "base")
+
+
+def sample_names(n_same: int, n_cross: int, n_novel: int = 0, n_base: int = 0) -> list[str]:
+    """``same-00 .. same-{n_same-1}``, then ``cross-00 ..``, ``novel-00 ..`` and ``base-00 ..``;
     rules/common.smk builds the same list."""
-    return ([f"same-{i:02d}" for i in range(n_same)] + [f"cross-{i:02d}" for i in range(n_cross)]
-            + [f"novel-{i:02d}" for i in range(n_novel)])
+    counts = dict(zip(SAMPLE_KINDS, (n_same, n_cross, n_novel, n_base)))
+    return [f"{kind}-{i:02d}" for kind in SAMPLE_KINDS for i in range(counts[kind])]
 
 
 @dataclass(frozen=True)
@@ -520,7 +528,9 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
     """The fixed sample set: ``cfg.n_same`` val texts spoken with another held-out (val) utterance
     of the same speaker as prompt, ``cfg.n_cross`` val texts in speaker A's timbre with a
     held-out utterance of speaker B (another emotion where there is one) as emotion prompt, and
-    ``cfg.n_novel`` val texts that never occur in train, with a same-speaker prompt.
+    ``cfg.n_novel`` val texts that never occur in train, with a same-speaker prompt, and
+    ``cfg.n_base`` base-language val texts (``data.replay`` rows), with a same-speaker prompt of
+    that language. Every other kind draws from the new language's rows only.
 
     With ``n_novel`` > 0 the same and cross texts are val utterances whose text does occur in
     train (spoken there by another voice or prosody), so the kinds measure two things: speaking
@@ -543,8 +553,17 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
     columns = ["utt_id", "audio_path", "text", "speaker", "emotion", "split"]
     has_replay = "replay" in pq.read_schema(clean_path).names
     clean = pd.read_parquet(clean_path, columns=columns + (["replay"] if has_replay else []))
+    base_val = clean.iloc[:0]
     if has_replay:  # base-language rows (data.replay) are not the new language's samples
-        clean = clean[~clean["replay"].astype(bool)]
+        replay = clean["replay"].astype(bool)
+        base_val = clean[replay & (clean["split"] == "val")].sort_values("utt_id")
+        clean = clean[~replay]
+    base_by_spk = {s: g.to_dict("records") for s, g in base_val.groupby("speaker", sort=True)}
+    base_eligible = [s for s, rows in base_by_spk.items() if len(rows) >= 2]
+    if cfg.n_base and not base_eligible:
+        raise SynthesisError(f"{clean_path}: samples.n_base asks for base-language samples, but no base-language "
+                             "(data.replay) speaker has two val utterances (a text and a held-out prompt); add "
+                             "data.replay manifests, raise clean.val_fraction or set samples.n_base: 0")
     val = clean[clean["split"] == "val"].sort_values("utt_id")
     by_spk = {s: g.to_dict("records") for s, g in val.groupby("speaker", sort=True)}
     trained = set(clean.loc[clean["split"] == "train", "text"])
@@ -604,6 +623,15 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
             prompt = draw(by_spk[spk], {target["utt_id"]})
             used.add(prompt["utt_id"])
             out.append(row(names[cfg.n_same + cfg.n_cross + j], "novel", spk, target, prompt, prompt, spk))
+    if cfg.n_base:
+        base_speakers = [base_eligible[i] for i in rng.permutation(len(base_eligible))]
+        for j in range(cfg.n_base):
+            spk = base_speakers[j % len(base_speakers)]
+            target = draw(base_by_spk[spk], set())
+            used.add(target["utt_id"])
+            prompt = draw(base_by_spk[spk], {target["utt_id"]})
+            used.add(prompt["utt_id"])
+            out.append(row(names[cfg.n_same + cfg.n_cross + cfg.n_novel + j], "base", spk, target, prompt, prompt, spk))
     return pd.DataFrame(out)
 
 

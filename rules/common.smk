@@ -433,7 +433,7 @@ def sample_names():
     s = config["samples"]
     return [
         f"{kind}-{i:02d}"
-        for kind in ("same", "cross", "novel")
+        for kind in ("same", "cross", "novel", "base")
         for i in range(int(s.get(f"n_{kind}", 0)))
     ]
 

@@ -425,12 +425,12 @@ def test_sample_set_draws_held_out_prompts_and_cross_pairs(tmp_path: Path) -> No
         select_samples(cfg, clean_table(tmp_path / "none.parquet", {"a": 1}))
 
 
-def test_base_language_replay_rows_are_never_the_new_language_samples(tmp_path: Path) -> None:
+def test_base_language_replay_rows_are_never_the_new_language_samples_but_the_base_ones(tmp_path: Path) -> None:
     """data.replay rows (clean.parquet's replay column) are base-language speech: not drawn as
-    same, cross or novel samples, nor as their prompts."""
+    same, cross or novel samples, nor as their prompts; they are the base samples."""
     import pandas as pd
 
-    from indextts.synthesize import SamplesConfig, select_samples
+    from indextts.synthesize import SamplesConfig, SynthesisError, select_samples
 
     path = clean_table(tmp_path / "clean.parquet", {"a": 3, "b": 3, "en": 6})
     frame = pd.read_parquet(path)
@@ -439,6 +439,22 @@ def test_base_language_replay_rows_are_never_the_new_language_samples(tmp_path: 
     t = select_samples(SamplesConfig(n_same=4, n_cross=2, seed=0), path)
     used = set(t["speaker"]) | set(t["emotion_speaker"])
     assert used <= {"a", "b"} and not t["speaker_prompt"].str.contains("/en_").any(), t
+    # samples.n_base: base-language val texts, after the others, each with a held-out prompt of
+    # its own (base-language) speaker; the other kinds are drawn exactly as without them
+    cfg = SamplesConfig(n_same=4, n_cross=2, n_base=3, seed=0)
+    b = select_samples(cfg, path)
+    assert list(b["name"]) == cfg.names() and cfg.names()[-3:] == ["base-00", "base-01", "base-02"]
+    assert b.iloc[:6].equals(t) and list(b["kind"][6:]) == ["base"] * 3
+    for r in b.iloc[6:].to_dict("records"):
+        assert r["speaker"] == "en" and r["reference"].startswith("/data/en_") and r["speaker_prompt"].startswith("/data/en_")
+        assert r["speaker_prompt"] != r["reference"] and r["emotion_prompt"] == ""
+    assert frame.set_index("utt_id").loc[b["utt_id"][6:], "split"].eq("val").all()  # val rows only
+    assert len(set(b["utt_id"][6:])) == 3
+    # no base-language val speaker: a clear error naming the key
+    frame["replay"] = False
+    frame.to_parquet(tmp_path / "no_replay.parquet")
+    with pytest.raises(SynthesisError, match=r"data.replay.*set samples.n_base: 0"):
+        select_samples(cfg, tmp_path / "no_replay.parquet")
 
 
 def test_novel_samples_read_texts_never_trained_on_and_the_others_known_ones(tmp_path: Path) -> None:

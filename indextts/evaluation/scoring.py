@@ -428,12 +428,15 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
             raise EvaluationError(f"{topline_dir}: {len(missing)} topline WAV(s) missing, e.g. {missing[0]}")
         own = score_clips(top, table, cands, cfg, models, cache=cache).assign(system="topline")
         ref = own if ref is None else pd.concat([ref[ref["system"] != "topline"], own], ignore_index=True)
-    n_cands = [len(cands[n].paths) for n in table["name"] if len(cands[n].paths) > 1]
+    # The headline is the new language's: base-language samples (kind base) count in by_kind only.
+    head = scores[scores["kind"] != "base"] if "kind" in scores.columns else scores
+    head = head if len(head) else scores
+    n_cands = [len(cands[n].paths) for n in head["name"] if len(cands[n].paths) > 1]
     summary = {
-        "what": label or str(samples), "samples": str(samples), "n": len(table),
-        "measures": summarize(scores, cfg.seed, cfg.n_boot),
+        "what": label or str(samples), "samples": str(samples), "n": len(head),
+        "measures": summarize(head, cfg.seed, cfg.n_boot),
         "retrieval_chance": float(np.mean([1.0 / k for k in n_cands])) if n_cands else None,
-        **_reference_summaries(ref, table["name"].tolist(), cfg.seed, cfg.n_boot),
+        **_reference_summaries(ref, head["name"].tolist(), cfg.seed, cfg.n_boot),
         "by_kind": {k: summarize(part, cfg.seed, cfg.n_boot) for k, part in scores.groupby("kind", sort=True)}
         if "kind" in scores.columns else {},
         "models": models.names(), "acoustic": section_dict(cfg.acoustic), "seed": cfg.seed,
