@@ -614,24 +614,21 @@ def select_samples(cfg: SamplesConfig, clean_path: str | Path) -> "pd.DataFrame"
             pool = differ or rows
             emo_row = pool[int(rng.integers(len(pool)))]
         out.append(row(names[i], "same" if i < cfg.n_same else "cross", spk, target, prompt, emo_row, emo_spk))
+    def same_speaker(kind: str, n: int, eligible: list[str], targets: dict, prompts: dict) -> None:
+        """``n`` samples of ``kind``: a target of ``targets[spk]``, a held-out prompt of ``prompts[spk]``."""
+        order = [eligible[i] for i in rng.permutation(len(eligible))]
+        for j in range(n):
+            spk = order[j % len(order)]
+            target = draw(targets[spk], set())
+            used.add(target["utt_id"])
+            prompt = draw(prompts[spk], {target["utt_id"]})
+            used.add(prompt["utt_id"])
+            out.append(row(names[len(out)], kind, spk, target, prompt, prompt, spk))
+
     if cfg.n_novel:
-        novel_speakers = [novel_eligible[i] for i in rng.permutation(len(novel_eligible))]
-        for j in range(cfg.n_novel):
-            spk = novel_speakers[j % len(novel_speakers)]
-            target = draw(novel[spk], set())
-            used.add(target["utt_id"])
-            prompt = draw(by_spk[spk], {target["utt_id"]})
-            used.add(prompt["utt_id"])
-            out.append(row(names[cfg.n_same + cfg.n_cross + j], "novel", spk, target, prompt, prompt, spk))
+        same_speaker("novel", cfg.n_novel, novel_eligible, novel, by_spk)
     if cfg.n_base:
-        base_speakers = [base_eligible[i] for i in rng.permutation(len(base_eligible))]
-        for j in range(cfg.n_base):
-            spk = base_speakers[j % len(base_speakers)]
-            target = draw(base_by_spk[spk], set())
-            used.add(target["utt_id"])
-            prompt = draw(base_by_spk[spk], {target["utt_id"]})
-            used.add(prompt["utt_id"])
-            out.append(row(names[cfg.n_same + cfg.n_cross + cfg.n_novel + j], "base", spk, target, prompt, prompt, spk))
+        same_speaker("base", cfg.n_base, base_eligible, base_by_spk, base_by_spk)
     return pd.DataFrame(out)
 
 
