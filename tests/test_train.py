@@ -490,3 +490,46 @@ def test_resume_after_sigkill_is_bit_identical_with_replay(replay_corpus, tmp_pa
     resumed = run_cli(replay_corpus, out, 1, config)
     assert "at step 3 (epoch" in resumed.stdout
     assert_same_weights(out, ref)
+
+
+def test_forgetting_guard_keeps_its_best_on_disk_across_a_resume(tmp_path):
+    """forgetting: stop keeps the best weights in state/ (rank 0), so a new process that resumes
+    the stage still ends at the best of the validations before its resume point."""
+    from indextts.train.validation import ForgettingGuard
+
+    class Log(list):
+        def write(self, record):
+            self.append(record)
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    at_step0 = {k: v.clone() for k, v in net.state_dict().items()}
+    first = {"loss": 2.0, "lang/en/mel_loss": 1.0}
+    guard = ForgettingGuard(["en"], 0.1, "stop", tmp_path / "state", main=True)
+    guard.check(first, None, 0, net, Log(), print)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    guard.check({"loss": 2.5, "lang/en/mel_loss": 1.0}, first, 2, net, Log(), print)  # worse: not kept
+    assert guard.best == {"step": 0, "loss": 2.0}
+    # a new process resumes at step 4 with other weights: the best of step 0 still stands
+    resumed = ForgettingGuard(["en"], 0.1, "stop", tmp_path / "state", main=True)
+    resumed.resumed(net, 4)
+    assert resumed.best == {"step": 0, "loss": 2.0}
+    log = Log()
+    resumed.check({"loss": 1.0, "lang/en/mel_loss": 1.5}, first, 6, net, log, print)  # en rose 50%: breach
+    assert resumed.stopped == {"step": 6, "best_step": 0, "languages": ["en"]}
+    assert [r["split"] for r in log] == ["guard"]
+    resumed.restore(net)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in at_step0.items())
+    # a best saved after the resume point (the resumed run recomputes it) does not stand
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    early = ForgettingGuard(["en"], 0.1, "stop", tmp_path / "other", main=True)
+    early.check(first, None, 8, net, Log(), print)
+    again = ForgettingGuard(["en"], 0.1, "stop", tmp_path / "other", main=True)
+    again.resumed(net, 4)  # resumed before step 8: the resumed weights stand until beaten
+    assert again.best == {"step": 4, "loss": float("inf")}
+    # warn mode keeps nothing
+    warn = ForgettingGuard(["en"], 0.1, "warn", tmp_path / "warn", main=True)
+    warn.check(first, None, 0, net, Log(), print)
+    assert not (tmp_path / "warn").exists()

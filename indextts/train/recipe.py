@@ -102,7 +102,6 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
         f"{sampler.padding_efficiency(0):.3f}; {total} steps x {tcfg.grad_accum} micro-batches x {dist.world_size} rank(s)")
     loader = make_loader(train_ds, sampler, num_workers=tcfg.num_workers, pin=device.type == "cuda", seed=tcfg.seed)
     val_sets, base_languages = val_loaders(val_ds, tcfg, cfg, dist, device.type == "cuda", log)
-    guard = ForgettingGuard(base_languages, tcfg.forgetting_tolerance, tcfg.forgetting)
     has_val = "" in val_sets  # validation runs when there are main-language val rows
 
     # The optimiser, and the run's identity: what a saved state may be resumed into.
@@ -122,6 +121,7 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
     }
     fp = fingerprint(fp_record)
     state_root = out_dir / STATE_DIR
+    guard = ForgettingGuard(base_languages, tcfg.forgetting_tolerance, tcfg.forgetting, state_root, dist.main)
     resume = find_resumable(state_root, fp, log, dist)
 
     step, epoch, batch_pos, last_val_step, first_val = 0, 0, 0, -1, None
@@ -250,8 +250,7 @@ def train_stage(config: Mapping[str, Any], stage: int, inputs: StageInputs) -> P
             log(f"forgetting: stage {stage} stopped at step {stopped['step']} ({', '.join(stopped['languages'])} "
                 f"degraded); keeping the weights of step {stopped['best_step']}, the lowest main-language val loss "
                 "before the breach (train.forgetting: stop)")
-            if guard.best_weights is not None:
-                objective.load_state_dict(guard.best_weights)
+            guard.restore(objective)
             final_val = last_val(state_root / METRICS, stopped["best_step"])
     finally:
         progress.close()

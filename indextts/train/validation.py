@@ -3,6 +3,9 @@ forgetting guard that watches the base (replay) languages."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -82,21 +85,35 @@ class ForgettingGuard:
     """Watches the base (replay) languages' val code loss against the stage's first validation.
 
     A rise above ``tolerance`` is a warning (log and a ``split: guard`` record); with
-    ``mode == "stop"`` it also marks the stage :attr:`stopped`, and the guard keeps the state of
-    the lowest main-language val loss before it (:attr:`best_weights`, in memory on the CPU).
+    ``mode == "stop"`` it also marks the stage :attr:`stopped`, and the guard keeps the weights of
+    the lowest main-language val loss before it. Rank 0 keeps them on disk beside the resumable
+    states (``best.safetensors`` and ``best.json`` in ``root``, written atomically), not in
+    memory, so a resumed stage still knows its best and no rank holds a second copy of the model.
     """
 
-    def __init__(self, base_languages: Sequence[str], tolerance: float, mode: str) -> None:
+    def __init__(self, base_languages: Sequence[str], tolerance: float, mode: str, root: Path, main: bool) -> None:
         self.base, self.tolerance, self.mode = list(base_languages), tolerance, mode
-        self.best: dict[str, Any] | None = None  # {"step", "loss"} of the kept state
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.root, self.main = Path(root), main
+        self.best: dict[str, Any] | None = None  # {"step", "loss"} of the kept weights
         self.stopped: dict[str, Any] | None = None  # {"step", "best_step", "languages"} once breached
 
+    @property
+    def _file(self) -> Path:
+        return self.root / "best.safetensors"
+
     def resumed(self, objective: nn.Module, step: int) -> None:
-        """A resumed run: its weights stand until a validation beats them."""
-        if self.mode == "stop":
-            self.best = {"step": step, "loss": float("inf")}
-            self.best_weights = _cpu_copy(objective)
+        """A resumed run at ``step``: the best kept before it stands; without one (or one from
+        after ``step``, which the resumed run recomputes), the resumed weights stand until a
+        validation beats them."""
+        if self.mode != "stop":
+            return
+        record = self.root / "best.json"
+        saved = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and self._file.is_file() else None
+        if saved is not None and saved["step"] <= step:
+            loss = float("inf") if saved["loss"] is None else float(saved["loss"])
+            self.best = {"step": int(saved["step"]), "loss": loss}
+        else:
+            self._keep(objective, step, float("inf"))
 
     def check(self, res: Mapping[str, float], first: Mapping[str, float] | None, step: int, objective: nn.Module,
               metrics, log) -> None:
@@ -116,9 +133,26 @@ class ForgettingGuard:
             self.stopped = {"step": step, "best_step": self.best["step"] if self.best else step,
                             "languages": [b[0] for b in breaches]}
         elif self.best is None or res["loss"] < self.best["loss"]:
-            self.best = {"step": step, "loss": res["loss"]}
-            self.best_weights = _cpu_copy(objective)
+            self._keep(objective, step, float(res["loss"]))
+
+    def restore(self, objective: nn.Module) -> None:
+        """Load the kept weights into ``objective`` (rank 0, which writes the stage's folder)."""
+        if self.main and self._file.is_file():
+            from safetensors.torch import load_file
+
+            objective.load_state_dict(load_file(str(self._file)), strict=True)
+
+    def _keep(self, objective: nn.Module, step: int, loss: float) -> None:
+        self.best = {"step": step, "loss": loss}
+        if not self.main:
+            return
+        from safetensors.torch import save_file
+
+        from indextts.files import atomic_path, write_json
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._file) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}, str(tmp))
+        write_json(self.root / "best.json", {"step": step, "loss": loss if math.isfinite(loss) else None})
 
 
-def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
