@@ -24,6 +24,11 @@ LOGS = os.path.normpath(config["run"]["logs_dir"])
 # it; off, clean_manifest writes CLEAN itself and no rule of the filter exists.
 ASR_FILTER = bool(config["asr_filter"]["enabled"])
 CLEAN = f"{RESULTS}/clean/clean.parquet"
+# Stage 2 trains on base-language (data.replay) rows: its speaker classifier counts their speakers.
+STAGE2_REPLAY = (
+    bool(config["data"].get("replay"))
+    and float(config["train"]["stage2"].get("replay_ratio") or 0) > 0
+)
 PRE_ASR = f"{RESULTS}/clean/pre_asr.parquet"
 
 # What the demo rules write when demo.enabled (rules/demo.smk, rules/codes.smk): config.yaml names

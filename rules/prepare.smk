@@ -60,5 +60,8 @@ rule select_speakers:
     params:
         cfg=stage_config("speakers"),
         code=code_id("speakers", *CORE),
+        # base-language speakers are classes only when stage 2 trains on their rows
+        replay="--replay" if STAGE2_REPLAY else "",
     shell:
-        "indextts select-speakers --config {params.cfg:q} --clean {input.clean} --out {output.speakers} > {log} 2>&1"
+        "indextts select-speakers --config {params.cfg:q} --clean {input.clean} {params.replay}"
+        " --out {output.speakers} > {log} 2>&1"

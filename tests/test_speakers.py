@@ -17,3 +17,16 @@ def test_top_k_with_minimum_and_deterministic_ties(tmp_path):
     s = doc["stats"]
     assert (s["total_samples"], s["unique_speakers"], s["eligible"], s["selected"]) == (12, 4, 3, 2)
     assert s["share_of_samples_covered"] == round(8 / 12, 6)
+
+
+def test_base_language_speakers_count_only_when_stage_2_trains_on_them(tmp_path):
+    speakers = ["a"] * 4 + ["b"] * 3 + ["en1"] * 6 + ["en2"] * 2
+    clean = tmp_path / "clean.parquet"
+    pq.write_table(pa.table({"speaker": speakers, "split": ["train"] * len(speakers),
+                             "replay": [s.startswith("en") for s in speakers]}), clean)
+    cfg = SpeakersConfig(top_k=10, min_utterances=2)
+    left_out = select_speakers(cfg, clean, tmp_path / "main.json")
+    assert left_out["speakers"] == {"a": 0, "b": 1} and left_out["stats"]["total_samples"] == 7
+    assert left_out["stats"]["base_language_speakers"] == "left out"
+    counted = select_speakers(cfg, clean, tmp_path / "all.json", replay=True)
+    assert counted["speakers"] == {"en1": 0, "a": 1, "b": 2, "en2": 3} and counted["stats"]["total_samples"] == 15
