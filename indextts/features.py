@@ -288,6 +288,12 @@ class PromptFeatureStore:
     disk). Opening reads only the ``utt_id`` columns and the row-group layout; :meth:`get` decodes
     one row group (a few utterances). Picklable: DataLoader workers reopen the files themselves.
 
+    The index holds no Python object per utterance (a corpus has millions, and forked workers
+    would copy every page whose reference counts they touch): the XXH64 of each ``utt_id``
+    (:func:`indextts.hashing.xxh64`), sorted, with its file, row group and row as int32 arrays,
+    24 bytes an utterance. A lookup checks the id stored at the row it finds, so a hash collision
+    is a miss, never another utterance's features; a repeated ``utt_id`` resolves to its last row.
+
     Raises:
         FileNotFoundError: a features file is missing (the message says how to make it).
         ValueError: not a features file, or files of different feature widths.
@@ -298,10 +304,12 @@ class PromptFeatureStore:
 
         import pyarrow.parquet as pq
 
+        from indextts.hashing import xxh64
+
         self.paths = [Path(p) for p in paths]
-        self._where: dict[str, tuple[int, int, int]] = {}
         dims, self.meta = set(), {}
         stored: list[float | None] = []
+        keys, where = [], []
         for k, p in enumerate(self.paths):
             if not p.is_file():
                 raise FileNotFoundError(
@@ -315,12 +323,17 @@ class PromptFeatureStore:
             self.meta = json.loads(raw)
             dims.add(int(self.meta["dim"]))
             stored.append(self.meta.get("max_ref_seconds"))
-            ids = pf.read(columns=["utt_id"]).column("utt_id").to_pylist()
-            r = 0
-            for g in range(pf.num_row_groups):
-                for j in range(pf.metadata.row_group(g).num_rows):
-                    self._where[ids[r + j]] = (k, g, j)
-                r += pf.metadata.row_group(g).num_rows
+            keys.append(xxh64(pf.read(columns=["utt_id"]).column("utt_id").combine_chunks()))
+            sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
+            group = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+            row = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            where.append(np.stack([np.full(len(group), k, np.int32), group, row.astype(np.int32)], axis=1))
+        key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        loc = np.concatenate(where) if where else np.zeros((0, 3), np.int32)
+        order = np.argsort(key, kind="stable")  # a repeated id keeps file order: its last row wins
+        key, loc = key[order], loc[order]
+        last = np.r_[key[1:] != key[:-1], True] if len(key) else np.zeros(0, bool)
+        self._keys, self._loc = key[last], np.ascontiguousarray(loc[last])
         if len(dims) > 1:
             raise ValueError(f"prompt features of different widths {sorted(dims)} in {[str(p) for p in self.paths]}")
         self.dim = dims.pop() if dims else 0
@@ -328,6 +341,7 @@ class PromptFeatureStore:
         self.max_ref_seconds: float | None = None if not stored or None in stored else float(min(stored))
         self._files: dict[int, Any] = {}
         self._cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._ids: dict[int, tuple[int, Any]] = {}  # per file: (row group, its utt_id column)
 
     @classmethod
     def beside(cls, shards: Sequence[str | Path]) -> "PromptFeatureStore":
@@ -336,7 +350,7 @@ class PromptFeatureStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"], state["_cache"] = {}, {}  # file handles and decoded groups stay per process
+        state["_files"], state["_cache"], state["_ids"] = {}, {}, {}  # handles and decoded groups stay per process
         return state
 
     def crop(self, utt_id: str, max_frames: int, rng: np.random.Generator) -> torch.Tensor:
@@ -349,10 +363,34 @@ class PromptFeatureStore:
         return torch.from_numpy(np.ascontiguousarray(feats))
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._keys)
 
     def __contains__(self, utt_id: str) -> bool:
-        return utt_id in self._where
+        return self._locate(utt_id) is not None
+
+    def _file(self, k: int):
+        import pyarrow.parquet as pq
+
+        pf = self._files.get(k)
+        if pf is None:
+            pf = self._files[k] = pq.ParquetFile(self.paths[k], memory_map=True)
+        return pf
+
+    def _locate(self, utt_id: str) -> tuple[int, int, int] | None:
+        """(file, row group, row) of ``utt_id``, checked against the id stored there."""
+        import pyarrow as pa
+
+        from indextts.hashing import xxh64
+
+        h = xxh64(pa.array([utt_id], pa.string()))[0]
+        i = int(np.searchsorted(self._keys, h))
+        if i == len(self._keys) or self._keys[i] != h:
+            return None
+        k, g, j = (int(v) for v in self._loc[i])
+        ids = self._ids.get(k)
+        if ids is None or ids[0] != g:
+            ids = self._ids[k] = (g, self._file(k).read_row_group(g, columns=["utt_id"]).column("utt_id"))
+        return (k, g, j) if ids[1][j].as_py() == utt_id else None
 
     def get(self, utt_id: str) -> np.ndarray:
         """The stored features of ``utt_id``: ``[frames, dim]`` float32.
@@ -360,19 +398,14 @@ class PromptFeatureStore:
         Raises:
             KeyError: ``utt_id`` has no stored features (naming it and the files).
         """
-        import pyarrow.parquet as pq
-
-        try:
-            k, g, j = self._where[utt_id]
-        except KeyError:
+        found = self._locate(utt_id)
+        if found is None:
             raise KeyError(f"{utt_id!r} has no stored prompt features in {len(self.paths)} files "
-                           f"(first {self.paths[0] if self.paths else None}); rerun extract_codes") from None
+                           f"(first {self.paths[0] if self.paths else None}); rerun extract_codes")
+        k, g, j = found
         cached = self._cache.get(k)
         if cached is None or cached[0] != g:
-            pf = self._files.get(k)
-            if pf is None:
-                pf = self._files[k] = pq.ParquetFile(self.paths[k], memory_map=True)
-            col = pf.read_row_group(g, columns=["features"]).column("features")
+            col = self._file(k).read_row_group(g, columns=["features"]).column("features")
             arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
             cached = (g, arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False))
             self._cache[k] = cached

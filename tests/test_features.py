@@ -157,6 +157,21 @@ def test_feature_config_width_follows_the_w2v_bert_model():
         FeatureConfig(kind="w2v_bert", w2v_bert_dim=2)
 
 
+def test_a_hash_collision_in_the_prompt_store_is_a_miss_never_another_utterance(tmp_path, monkeypatch):
+    import indextts.hashing
+
+    ids = [f"u{i:03d}" for i in range(6)]
+    crops = [np.full((3, 8), i, np.float32) for i in range(6)]
+    path = write_features(features_table(ids, crops, [0] * 6, [3] * 6, {"dim": 8, "frame_rate": 50.0}),
+                          tmp_path / "a.parquet")
+    monkeypatch.setattr(indextts.hashing, "xxh64", lambda keys: np.zeros(len(keys), np.uint64))  # all collide
+    store = PromptFeatureStore([path])
+    assert len(store) == 1 and "u005" in store and "u000" not in store  # the last row holds the one key
+    assert np.array_equal(store.get("u005"), crops[5])
+    with pytest.raises(KeyError, match="'u000' has no stored prompt features"):
+        store.get("u000")
+
+
 def test_prompt_store_reads_back_fp16_crops_by_utt_id(tmp_path):
     cfg = PromptFeaturesConfig(store=True, max_ref_seconds=0.5)
     assert cfg.max_frames == 25
@@ -184,6 +199,11 @@ def test_prompt_store_reads_back_fp16_crops_by_utt_id(tmp_path):
         assert np.array_equal(got, crops[k].astype(np.float16).astype(np.float32))
     with pytest.raises(KeyError, match="'zzz' has no stored prompt features"):
         store.get("zzz")
+    # a repeated utt_id resolves to its last row (file order); the index holds no Python object per row
+    dup = write_features(features_table(ids[:1], [crops[1]], [0], [len(crops[1])], meta), tmp_path / "d.parquet")
+    both = PromptFeatureStore([a, b, dup])
+    assert len(both) == len(ids) and np.array_equal(both.get(ids[0]), crops[1].astype(np.float16).astype(np.float32))
+    assert both._keys.dtype == np.uint64 and both._loc.dtype == np.int32
     with pytest.raises(FileNotFoundError, match="features.store: true"):
         PromptFeatureStore([tmp_path / "missing.parquet"])
     with pytest.raises(ConfigError, match="max_ref_seconds must be positive"):
