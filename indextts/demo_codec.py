@@ -123,6 +123,10 @@ class DemoCodecConfig:
     # 10x DAC's 1e-4: a tiny model from scratch on a CPU budget; constant (DAC's exponential decay,
     # 0.999996 per step, is flat over a few thousand steps).
     lr: float = 1e-3
+    # constant, or cosine: lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * step / steps)) / 2),
+    # annealed to the end of the run (the committed codec; its curve was still falling at constant lr).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
     betas: tuple[float, float] = (0.8, 0.99)  # DAC's conf/base.yml
     grad_clip: float = 1e3  # DAC's scripts/train.py: a guard against rare spikes, not a regulariser
     # DAC's lambdas: mel/loss, vq/commitment_loss, vq/codebook_loss.
@@ -170,6 +174,10 @@ class DemoCodecConfig:
             bad.append(f"quantizer_dropout: expected a share in [0, 1], got {self.quantizer_dropout!r}")
         if not self.lr > 0:
             bad.append(f"lr: expected a positive number, got {self.lr!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            bad.append(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            bad.append(f"min_lr_ratio: expected a share of lr in [0, 1], got {self.min_lr_ratio!r}")
         if self.dtype not in ("fp32", "fp16"):
             bad.append(f"dtype: expected 'fp32' or 'fp16', got {self.dtype!r}")
         if bad:
@@ -188,6 +196,14 @@ class DemoCodecConfig:
     @property
     def hop_length(self) -> int:
         return int(np.prod(self.encoder_rates))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (1-based; a function of the step alone, so a
+        resumed run follows the same schedule)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        done = min(max(step - 1, 0), self.steps) / self.steps  # 0 at the first step, (steps - 1) / steps at the last
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done)))
 
 
 @dataclass(frozen=True)
@@ -630,6 +646,9 @@ def train_demo_codec(manifest: str | os.PathLike, output: str | os.PathLike, cfg
         mark = (clock.wall, start)  # the log interval's start
         for step in range(start + 1, cfg.steps + 1):
             x = sample_batch(waves, cfg, rng)  # (B, 1, T)
+            lr = cfg.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
             terms = loss_fn(model, x)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -643,7 +662,7 @@ def train_demo_codec(manifest: str | os.PathLike, output: str | os.PathLike, cfg
                 clock.add()
                 n = step - mark[1]
                 record = {"kind": "train", "step": step, **{k: round(float(v) / n, 6) for k, v in sums.items()},
-                          "lr": cfg.lr, **clock.minutes(), "s_per_step": round((clock.wall - mark[0]) / n, 4)}
+                          "lr": lr, **clock.minutes(), "s_per_step": round((clock.wall - mark[0]) / n, 4)}
                 _append(log_path, record)
                 if progress:
                     _show(record, cfg.steps, bar, log)
@@ -761,6 +780,10 @@ def cli_demo_codec(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=d.seed, help=f"initialisation, crops and held-out draw (default {d.seed})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"crops per step (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
+                   help=f"constant, or cosine annealing to --min-lr-ratio x lr at the last step (default {d.lr_schedule})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help=f"cosine's floor as a share of --lr (default {d.min_lr_ratio:g})")
     p.add_argument("--n-heldout", type=int, default=d.n_heldout, help=f"utterances scored (default {d.n_heldout})")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="score a checkpoint every N steps too (default 0: only the final weights)")
@@ -788,7 +811,7 @@ def _run_cli(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     if args.manifest is None:
         p.error("--manifest is required unless --packaged")
     cfg = DemoCodecConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                          n_heldout=args.n_heldout, eval_every=args.eval_every, log_every=args.log_every,
+                          lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio, n_heldout=args.n_heldout, eval_every=args.eval_every, log_every=args.log_every,
                           dtype=args.dtype)
     torch.set_num_threads(args.threads)
     report = train_demo_codec(args.manifest, args.output, cfg, log_path=args.log, progress=not args.no_progress,

@@ -639,8 +639,8 @@ def eval_page(summaries: Mapping[int, Mapping[str, Any]], probes: Mapping[int, M
             body.append(f'<p class="warn"><b>Stage {s} does not yet speak the text:</b> {_esc(why)}</p>')
     body.append(
         "<p>Each stage's samples (val utterances, whose recordings were never trained on; <i>novel</i> ones read "
-        "texts training never saw; <i>base</i> ones are in a base language, scored in the by-kind table only, never "
-        "in the headline) are scored against the real recording of the same "
+        "texts training never saw, <i>base</i> ones are in a base language: both are scored in the by-kind table "
+        "only, never in the headline) are scored against the real recording of the same "
         "text. <b>Topline</b>: that recording through the codec, with the codebooks the model learns (the best any "
         "model on these codes can do). <b>Floor</b>: a real recording of the same speaker with another text (what "
         "a model that learned nothing of the text scores). <b>Real</b>: the recording itself (the ASR's own error, "

@@ -122,7 +122,8 @@ def test_the_file_is_dac_format_fp16_and_loads_exactly(trained):
 
 
 def test_same_seed_same_bytes_and_resume_equals_one_run(corpus, tmp_path, monkeypatch):
-    cfg = replace(TINY, steps=6, log_every=3, save_every=3)
+    # the cosine schedule, as the committed codec was trained: a resumed run follows it too
+    cfg = replace(TINY, steps=6, log_every=3, save_every=3, lr_schedule="cosine", min_lr_ratio=0.1)
     a = train_demo_codec(corpus, tmp_path / "a.pth", cfg, log=quiet, progress=False)
     # another file name, and scoring a checkpoint on the way draws from no generator the run uses
     b = train_demo_codec(corpus, tmp_path / "other_name.pth", replace(cfg, eval_every=3), log=quiet, progress=False)
@@ -149,6 +150,20 @@ def test_same_seed_same_bytes_and_resume_equals_one_run(corpus, tmp_path, monkey
     logs = [[json.loads(x)["loss"] for x in output_paths(tmp_path / n)["log"].read_text().splitlines()
              if json.loads(x)["kind"] == "train"] for n in ("a.pth", "r.pth")]
     assert logs[0] == logs[1]
+    lrs = [json.loads(x)["lr"] for x in output_paths(tmp_path / "r.pth")["log"].read_text().splitlines()
+           if json.loads(x)["kind"] == "train"]
+    assert lrs == [cfg.lr_at(3), cfg.lr_at(6)] and lrs[0] > lrs[1]
+
+
+def test_cosine_schedule_anneals_from_lr_to_its_floor():
+    cfg = replace(TINY, steps=100, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert cfg.lr_at(1) == pytest.approx(1e-3) and cfg.lr_at(100) == pytest.approx(1e-4, rel=1e-2)
+    assert cfg.lr_at(51) == pytest.approx(0.55e-3)  # halfway: halfway between lr and the floor
+    lrs = [cfg.lr_at(k) for k in range(1, 101)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {replace(TINY, lr=2e-3).lr_at(k) for k in (1, 50, 100)} == {2e-3}  # constant: the default
+    with pytest.raises(ConfigError, match="lr_schedule.*min_lr_ratio|min_lr_ratio"):
+        DemoCodecConfig(lr_schedule="linear", min_lr_ratio=2.0)
 
 
 def test_packaged_codec_loads_and_its_scores_show_a_codec(tmp_path):

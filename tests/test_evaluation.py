@@ -144,13 +144,15 @@ def test_a_stage_that_reads_the_text_beats_the_floor_and_one_that_does_not_is_fl
     assert any("real recordings' features reused" in line and not line.split(": ")[1].startswith("0 ") for line in logged)
 
 
-def test_base_language_samples_are_scored_by_kind_and_kept_out_of_the_headline(corpus, tmp_path):
-    """samples.n_base rows (kind base) measure the old languages: their scores are by_kind's,
-    never the new language's headline, whose verdict they cannot hide or cause."""
-    from indextts.evaluation.scoring import evaluate_stage
+@pytest.mark.parametrize("kind", ["base", "novel"])
+def test_base_and_novel_samples_are_scored_by_kind_and_kept_out_of_the_headline(corpus, tmp_path, kind, capsys):
+    """samples.n_base rows (kind base) measure the old languages, samples.n_novel rows (kind novel)
+    texts training never saw (issue 17: no goal): their scores are by_kind's, never the headline's,
+    whose verdict they cannot hide or cause; eval-summary prints them on lines of their own."""
+    from indextts.evaluation.scoring import cli_eval_summary, evaluate_stage
 
     table = corpus["table"].copy()
-    table.loc[table["speaker"] == "spkB", "kind"] = "base"
+    table.loc[table["speaker"] == "spkB", "kind"] = kind
     folder = tmp_path / "mixed"
     folder.mkdir()
     for r in table.to_dict("records"):  # spkA reads its text; the base speaker reads another one
@@ -161,9 +163,14 @@ def test_base_language_samples_are_scored_by_kind_and_kept_out_of_the_headline(c
     got = evaluate_stage(_cfg(candidates=6), folder / "samples.tsv", out_dir=tmp_path / "out", clean=corpus["clean"],
                          label="mixed")
     assert got["n"] == 2 and got["measures"]["retrieval_hit"]["mean"] == 1.0 and got["does_not_speak"] == []
-    assert got["by_kind"]["base"]["retrieval_hit"]["mean"] == 0.0
+    assert got["by_kind"][kind]["retrieval_hit"]["mean"] == 0.0
     assert got["by_kind"]["same"]["retrieval_hit"]["mean"] == 1.0
     assert len(pd.read_parquet(tmp_path / "out" / "scores.parquet")) == 4  # every sample is scored
+    capsys.readouterr()
+    assert cli_eval_summary([str(tmp_path / "out" / "summary.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"  {kind} (not in the headline), n=2: text retrieval top-1 0.000" in printed, printed
+    assert "  same, n=2: text retrieval top-1 1.000" in printed, printed
 
 
 def test_saved_features_are_reused_only_for_unchanged_files_and_the_same_config(corpus, tmp_path):

@@ -342,6 +342,11 @@ def summarize(scores: "pd.DataFrame", seed: int, n_boot: int) -> dict[str, dict]
     return out
 
 
+# Sample kinds scored and shown per kind, never in a stage's headline measures: base-language texts
+# (is the old language still there?) and texts training never saw (reading new text, no goal).
+OUTSIDE_HEADLINE = ("base", "novel")
+
+
 def verdict(summary: Mapping[str, Any]) -> list[str]:
     """Why a stage does not yet speak the text, if it does not: its retrieval interval reaches
     chance, or its MCD-DTW is no better than the floor's. Empty when neither holds."""
@@ -428,8 +433,9 @@ def evaluate_stage(cfg: EvalConfig, samples: Path, *, out_dir: Path, clean: Path
             raise EvaluationError(f"{topline_dir}: {len(missing)} topline WAV(s) missing, e.g. {missing[0]}")
         own = score_clips(top, table, cands, cfg, models, cache=cache).assign(system="topline")
         ref = own if ref is None else pd.concat([ref[ref["system"] != "topline"], own], ignore_index=True)
-    # The headline is the new language's: base-language samples (kind base) count in by_kind only.
-    head = scores[scores["kind"] != "base"] if "kind" in scores.columns else scores
+    # The headline is the new language's texts that training has: base-language samples (kind base)
+    # and texts training never saw (kind novel) count in by_kind only.
+    head = scores[~scores["kind"].isin(OUTSIDE_HEADLINE)] if "kind" in scores.columns else scores
     head = head if len(head) else scores
     n_cands = [len(cands[n].paths) for n in head["name"] if len(cands[n].paths) > 1]
     summary = {
@@ -542,6 +548,14 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
             floor = (summary.get("floor") or {}).get(col, {}).get("mean")
             extra = "".join(f", {k} {v:.3f}" for k, v in (("topline", top), ("floor", floor)) if v is not None)
             print(f"  {MEASURES[col][0]}: {s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] (n={s['n']}{extra})")
+    by_kind = summary.get("by_kind") or {}
+    if len(by_kind) > 1:
+        for kind, m in sorted(by_kind.items()):
+            cells = [f"{MEASURES[col][0]} {m[col]['mean']:.3f}" for col in ("retrieval_hit", "mcd", "duration_ratio")
+                     if (m.get(col) or {}).get("n")]
+            n = max((v.get("n") or 0 for v in m.values() if isinstance(v, dict)), default=0)
+            note = " (not in the headline)" if kind in OUTSIDE_HEADLINE else ""
+            print(f"  {kind}{note}, n={n}: " + ", ".join(cells))
     for why in summary.get("does_not_speak") or []:
         print(f"WARNING {summary['what']} does not yet speak the text: {why}", file=sys.stderr)
 
