@@ -707,7 +707,6 @@ def report_eval(cfg: ReportConfig, summaries: Mapping[int, Path], probes: Mappin
 def plot_spectrograms(clips: Sequence[tuple[str, str | Path]], path: Path, cfg: ReportConfig, title: str) -> Path:
     """Log-mel spectrograms of ``(label, wav)`` clips side by side, on one colour scale."""
     import librosa
-    import numpy as np
     import soundfile as sf
 
     plt = _plt()
