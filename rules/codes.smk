@@ -19,7 +19,8 @@ if config["demo"]["enabled"]:
     DEMO_CODEC_SHELL = {
         "packaged": "indextts demo-codec --packaged --output {output.weights:q} > {log} 2>&1",
         "train": "indextts demo-codec --manifest {input.clean:q} --output {output.weights:q}"
-        " --steps {params.steps} --seed {params.seed} --threads {threads} --no-progress > {log} 2>&1",
+        " --steps {params.steps} --lr-schedule cosine --seed {params.seed} --threads {threads}"
+        " --no-progress > {log} 2>&1",
         "random": "indextts make-demo-codec --output {output.weights:q} > {log} 2>&1",
     }[DEMO_CODEC_MODE]
 

@@ -29,6 +29,14 @@ def demo(tmp_path_factory):
     return wd
 
 
+def demo_sample_names(wd):
+    """The sample names config.yaml's samples section gives (same-00 .., cross-00 .., novel-00 ..)."""
+    from indextts.synthesize import sample_names
+
+    samples = yaml.safe_load((wd / "config.yaml").read_text())["samples"]
+    return sample_names(samples["n_same"], samples["n_cross"], samples.get("n_novel", 0), samples.get("n_base", 0))
+
+
 def alt_config(wd, edit, name="alt.yaml"):
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
     cfg = copy.deepcopy(cfg)
@@ -134,6 +142,61 @@ def test_demo_dag_trains_three_stages_and_stage1_learns(demo):
 
 
 
+def demo_goals(demo) -> dict[str, tuple[bool, str]]:
+    """Issue 17's goals, measured on the demo's own outputs: goal -> (met, the measured values).
+    The bar is stage 3 on the headline samples (same and cross; novel ones have no goal)."""
+    import math
+
+    s3 = json.loads((demo / "results/eval/stage3/summary.json").read_text())
+    gen, top, floor = s3["measures"], s3["topline"], s3["floor"]
+    scores = pd.read_parquet(demo / "results/eval/stage3/scores.parquet")
+    kinds = scores["kind"].value_counts().to_dict()
+    extra = json.loads((demo / "results/train/stage1/model.json").read_text())["extra"]
+    uniform = math.log(extra["codes_codec"]["codebook_size"])
+    cb0 = extra["final_val"]["mel_loss/cb0"]
+    ratio = top["mcd"]["mean"] / floor["mcd"]["mean"]
+    half_gap = floor["mcd"]["mean"] - 0.5 * (floor["mcd"]["mean"] - top["mcd"]["mean"])
+    hit, dur = gen["retrieval_hit"], gen["duration_ratio"]
+    stops = scores.loc[scores["kind"].isin(["same", "cross"]), "stop_reached"].astype(float)
+    return {
+        "codec topline MCD-DTW <= 0.8 x floor": (
+            ratio <= 0.8, f"{top['mcd']['mean']:.2f} / {floor['mcd']['mean']:.2f} dB = {ratio:.3f}"),
+        "stage-1 val loss of codebook 0 <= 0.6 ln(size)": (cb0 <= 0.6 * uniform, f"{cb0:.3f} nats = {cb0 / uniform:.1%}"),
+        "sample set: >= 16 same + cross, plus novel": (
+            kinds.get("same", 0) + kinds.get("cross", 0) >= 16 and kinds.get("novel", 0) > 0, str(kinds)),
+        "every sample reaches its stop token": (bool((stops == 1.0).all()), f"{int(stops.sum())}/{len(stops)} (same, cross)"),
+        "stage-3 text retrieval top-1 >= 0.8": (
+            hit["mean"] >= 0.8, f"{hit['mean']:.2f} [{hit['ci_low']:.2f}, {hit['ci_high']:.2f}], n={hit['n']}, "
+                                f"chance {s3['retrieval_chance']:.2f}"),
+        "stage-3 MCD-DTW closes half the floor-topline gap": (
+            gen["mcd"]["mean"] <= half_gap, f"{gen['mcd']['mean']:.2f} dB, bar {half_gap:.2f}"),
+        "stage-3 median duration ratio in [0.85, 1.2]": (0.85 <= dur["median"] <= 1.2, f"{dur['median']:.3f}"),
+        "stage-3 log-F0 RMSE below the floor's": (
+            gen["log_f0_rmse"]["mean"] < floor["log_f0_rmse"]["mean"],
+            f"{gen['log_f0_rmse']['mean']:.3f} vs {floor['log_f0_rmse']['mean']:.3f}"),
+    }
+
+
+# What the demo meets today (issue 17's frontier, BENCHMARKS.md): each must hold on every run. The
+# other goals are measured and reported as warnings with their values, so a run that meets one shows it
+# (the demo's GPT does not read the text yet: bench/bench_text_use.py).
+DEMO_GOALS_MET = (
+    "stage-1 val loss of codebook 0 <= 0.6 ln(size)",
+    "sample set: >= 16 same + cross, plus novel",
+)
+
+
+def test_demo_goals_of_issue_17_on_its_own_outputs(demo):
+    import warnings
+
+    goals = demo_goals(demo)
+    missed = {name: got for name, (met, got) in goals.items() if name in DEMO_GOALS_MET and not met}
+    assert not missed, "demo goals no longer met: " + "; ".join(f"{k}: {v}" for k, v in missed.items())
+    for name, (met, got) in goals.items():
+        if name not in DEMO_GOALS_MET:
+            warnings.warn(f"demo goal {'met' if met else 'not met'}: {name}: {got}", stacklevel=1)
+
+
 # --- synthesis, export, report (issue 9) ----------------------------------------------------------
 
 
@@ -141,7 +204,8 @@ def test_demo_dag_yields_samples_export_and_report(demo):
     """rule all covers the samples of every stage, the export and the report pieces."""
     import soundfile as sf
 
-    names = [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]
+    names = demo_sample_names(demo)
+    n_cross = sum(n.startswith("cross-") for n in names)
     for stage in (1, 2, 3):
         table = pd.read_csv(demo / f"results/samples/stage{stage}/samples.tsv", sep="\t")
         assert list(table["name"]) == names
@@ -149,7 +213,7 @@ def test_demo_dag_yields_samples_export_and_report(demo):
         for row in table.itertuples():
             info = sf.info(str(demo / f"results/samples/stage{stage}/{row.name}.wav"))
             assert abs(info.duration - row.seconds) < 1e-3 and row.frames * 320 == info.frames
-        assert (table["kind"] == "cross").sum() == 2 and (table.loc[table["kind"] == "cross", "emotion_prompt"] != "").all()
+        assert (table["kind"] == "cross").sum() == n_cross and (table.loc[table["kind"] == "cross", "emotion_prompt"] != "").all()
     export = json.loads((demo / "results/export/export_report.json").read_text())
     assert export["reimport"]["ok"] and export["n_codebooks"] == 4  # the demo's DAC: our folder, with the reason
     assert "4 codebooks" in export["official_refused"]
@@ -163,7 +227,7 @@ def test_demo_dag_yields_samples_export_and_report(demo):
 def test_demo_dag_scores_every_stage_beside_the_topline_and_floor(demo):
     """evaluate_reference once, evaluate_stage and probe_stage per stage: one score row per
     sample, the measures with n and an interval, the codec topline's WAVs, the probes."""
-    names = [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]
+    names = demo_sample_names(demo)
     ref = pd.read_parquet(demo / "results/eval/reference/scores.parquet")
     assert sorted(ref.loc[ref["system"] == "topline", "name"]) == sorted(names)
     assert set(ref["system"]) == {"topline", "floor"}  # "real" only with eval.asr or eval.speaker models
@@ -179,7 +243,9 @@ def test_demo_dag_scores_every_stage_beside_the_topline_and_floor(demo):
             m = summary["measures"][measure]
             assert m["n"] > 0 and m["ci_low"] <= m["mean"] <= m["ci_high"], (stage, measure, m)
         assert summary["retrieval_chance"] == pytest.approx(0.1)
-        assert summary["topline"]["mcd"]["n"] == len(names) and summary["floor"]["mcd"]["mean"] > 0
+        headline = [n for n in names if not n.startswith(("novel-", "base-"))]
+        assert summary["n"] == len(headline) and set(summary["by_kind"]) == {n.split("-")[0] for n in names}
+        assert summary["topline"]["mcd"]["n"] == len(headline) and summary["floor"]["mcd"]["mean"] > 0
         assert isinstance(summary["does_not_speak"], list)
         probe = json.loads((demo / f"results/eval/stage{stage}/probe.json").read_text())
         speaker = probe["probes"]["speaker_from_emo_vec"]
@@ -196,16 +262,15 @@ def test_demo_report_zip_opens_in_chromium(demo, tmp_path):
     # data (2), per stage losses and summary (2 x 3), stage 2's speaker plot, the evaluation plot
     check_report(seen, tmp_path, n_images=2 + 2 * 3 + 1 + 1, wav_of=lambda url: page / url.split("/", 5)[5])
     generated = {a["src"] for a in seen["audio"] if a["src"].startswith("stage")}
-    assert generated == {f"stage{k}/{n}.wav" for k in (1, 2, 3)
-                         for n in [f"same-{i:02d}" for i in range(4)] + [f"cross-{i:02d}" for i in range(2)]}
+    names = demo_sample_names(demo)
+    assert generated == {f"stage{k}/{n}.wav" for k in (1, 2, 3) for n in names}
     assert {p["title"] for p in seen["pages"]} >= {"Data", "Stage 1", "Stage 2", "Stage 3", "Samples per stage", "Export",
                                                   "Evaluation"}
     evaluation = next(p for p in seen["pages"] if p["title"] == "Evaluation")
     assert evaluation["tables"] >= 2 and "text retrieval top-1" in evaluation["text"] and "MCD-DTW" in evaluation["text"]
     # every sample of every stage: its spectrograms (generated, real, topline) load with a size
     spectra = [i for i in seen["page_images"] if i["src"].startswith("spectra/")]
-    assert sorted(i["src"] for i in spectra) == sorted(f"spectra/stage{k}_{n}.png" for k in (1, 2, 3)
-                                                      for n in [f"same-{i:02d}" for i in range(4)] + ["cross-00", "cross-01"])
+    assert sorted(i["src"] for i in spectra) == sorted(f"spectra/stage{k}_{n}.png" for k in (1, 2, 3) for n in names)
     assert all(i["w"] > 400 and i["h"] > 100 for i in spectra)
 
 
