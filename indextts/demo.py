@@ -233,7 +233,7 @@ class DemoConfig:
     # The demo's codec (rule make_demo_codec): packaged (the committed trained DAC), train (train
     # it on this corpus in the DAG, codec_steps steps) or random (an untrained tiny DAC: noise).
     codec: str = "packaged"
-    codec_steps: int = 3000
+    codec_steps: int = 5000
 
     def __post_init__(self) -> None:
         errors = []

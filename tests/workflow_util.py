@@ -72,7 +72,7 @@ SMALL_DEMO = {
         "stage2": {"max_steps": 4, "warmup_steps": 1},
         "stage3": {"max_steps": 4, "warmup_steps": 1},
     },
-    "samples": {"n_same": 1, "n_cross": 1, "stages": [3]},
+    "samples": {"n_same": 1, "n_cross": 1, "n_novel": 0, "stages": [3]},
     "synthesize": {"max_frames": 50},
 }
 
